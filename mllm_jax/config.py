@@ -1,0 +1,69 @@
+"""Defaults for every config key. `configs/*.py` start from `base_config()` and change values.
+
+Layout:
+  seed, mesh (data/fsdp/tensor/expert sizes), sharding.rules (preset or list),
+  model (MLLMConfig fields: llm, vision, connector, dtypes, attention, remat),
+  data (source, tokenizer, sequence/image sizes),
+  train (stages to run in order, logging, eval and checkpoint cadence),
+  <stage name> for each stage: task, trainable regex, steps, batch size, accumulation, optim.
+The returned config is locked by `finalize`, so `--config.a.b=v` with a misspelt key fails.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+CD = ml_collections.ConfigDict
+
+
+def optim_config(lr=1e-3, warmup_ratio=0.03, weight_decay=0.0, grad_clip=1.0, **kw) -> CD:
+  c = CD(dict(lr=lr, warmup_steps=-1, warmup_ratio=warmup_ratio, final_lr_ratio=0.0,
+              grad_clip=grad_clip, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
+  c.update(kw)
+  return c
+
+
+def stage_config(task='vqa', trainable='(connector|llm)/.*', steps=1000, batch_size=32,
+                 grad_accum=1, **optim_kw) -> CD:
+  """One training stage. `trainable` is re.fullmatch'ed against '/'-joined parameter paths
+  such as 'connector/linear_1/kernel' or 'llm/layers/attn/q_proj/kernel'."""
+  return CD(dict(task=task, trainable=trainable, steps=steps, batch_size=batch_size,
+                 grad_accum=grad_accum, eval_every=0, optim=optim_config(**optim_kw)))
+
+
+def base_config() -> CD:
+  c = CD()
+  c.seed = 0
+  c.mesh = CD(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  c.sharding = CD(dict(rules='fsdp'))
+  c.model = CD(dict(
+      llm=dict(vocab_size=0,          # 0: the tokenizer's size rounded up to a multiple of 8
+               hidden=4096, depth=32, heads=32, kv_heads=0, head_dim=0, mlp_dim=11008,
+               norm_eps=1e-5, rope_theta=10000.0,
+               rope_scaling=dict(type='default', factor=1.0, low_freq_factor=1.0,
+                                 high_freq_factor=4.0, original_max_position=8192),
+               max_position=4096, qkv_bias=False, tie_embeddings=False, act='silu',
+               moe=dict(num_experts=0, experts_per_token=2, every=1, mlp_dim=0)),
+      vision=dict(kind='clip', image_size=336, patch_size=14, width=1024, depth=24, heads=16,
+                  mlp_dim=4096, norm_eps=1e-5, act='', feature_layer=-2,
+                  feature_select='patch', hf_path=''),
+      connector=dict(kind='mlp', depth=2, act='gelu', bias=True),
+      image_token_id=-1,                # -1: the tokenizer's '<image>' token
+      dtype='float32', param_dtype='float32', attention='einsum',
+      remat_policy='none', vision_remat_policy='none'))
+  c.data = CD(dict(
+      source='synthetic',     # built-in scenes task; real formats come with the data pipeline
+      tokenizer='',           # HF tokenizer dir; '' builds the demo tokenizer in WORKDIR/tokenizer
+      max_len=2048, max_images=1, image_norm='clip', prefetch=2))
+  c.train = CD(dict(
+      stages='pretrain,sft', log_every=10, checkpoint_every=500, keep_checkpoints=2,
+      eval_examples=256, eval_batch_size=64, progress_bar=True,
+      max_steps_per_run=0,    # >0: save and exit after this many steps (time-sliced queues)
+  ))
+  c.pretrain = stage_config(task='caption', trainable='connector/.*', lr=1e-3)
+  c.sft = stage_config(task='vqa', trainable='(connector|llm)/.*', lr=2e-5)
+  return c
+
+
+def finalize(c: CD) -> CD:
+  c.lock()
+  return c

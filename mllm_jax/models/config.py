@@ -1,0 +1,163 @@
+"""Typed, hashable model configs built from the `config.model` ConfigDict.
+
+Modules take these frozen dataclasses (hashable, so they are valid Linen attributes and jit
+static arguments). `from_dict` rejects unknown keys, naming them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+
+
+def _build(cls, d: Mapping[str, Any] | None, where: str):
+  d = dict(d or {})
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(d) - names)
+  if unknown:
+    raise ValueError(f'{where}: unknown key(s) {unknown}; known keys: {sorted(names)}')
+  return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  type: str = 'default'           # 'default' | 'linear' | 'llama3'
+  factor: float = 1.0
+  low_freq_factor: float = 1.0    # llama3
+  high_freq_factor: float = 4.0   # llama3
+  original_max_position: int = 8192   # llama3
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  """Room for the Mixture-of-Experts option (num_experts=0 means dense MLP everywhere)."""
+  num_experts: int = 0
+  experts_per_token: int = 2
+  every: int = 1                  # MoE block on every `every`-th layer
+  mlp_dim: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """Llama / Qwen2 / Mistral-family decoder."""
+  vocab_size: int = 32000
+  hidden: int = 4096
+  depth: int = 32
+  heads: int = 32
+  kv_heads: int = 0               # 0 -> heads (no GQA)
+  head_dim: int = 0               # 0 -> hidden // heads
+  mlp_dim: int = 11008
+  norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: RopeScaling = RopeScaling()
+  max_position: int = 4096
+  qkv_bias: bool = False          # Qwen2
+  tie_embeddings: bool = False
+  act: str = 'silu'
+  moe: MoEConfig = MoEConfig()
+
+  def __post_init__(self):   # accept plain dicts for the nested configs
+    if isinstance(self.rope_scaling, dict):
+      object.__setattr__(self, 'rope_scaling',
+                         _build(RopeScaling, self.rope_scaling, 'config.model.llm.rope_scaling'))
+    if isinstance(self.moe, dict):
+      object.__setattr__(self, 'moe', _build(MoEConfig, self.moe, 'config.model.llm.moe'))
+
+  @property
+  def num_kv_heads(self):
+    return self.kv_heads or self.heads
+
+  @property
+  def dim_per_head(self):
+    return self.head_dim or self.hidden // self.heads
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """ViT image encoder: `clip` (class token, pre-LN, quick_gelu) or `siglip` (no class token)."""
+  kind: str = 'clip'
+  image_size: int = 336
+  patch_size: int = 14
+  width: int = 1024
+  depth: int = 24
+  heads: int = 16
+  mlp_dim: int = 4096
+  norm_eps: float = 1e-5
+  act: str = ''                   # '' -> quick_gelu (clip) / gelu_tanh (siglip)
+  feature_layer: int = -2         # index into hidden states [embeddings, layer_1, ..., layer_L]
+  feature_select: str = 'patch'   # 'patch' drops the class token (LLaVA 'default'); 'full' keeps all
+  hf_path: str = ''
+
+  @property
+  def num_patches(self):
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def has_cls(self):
+    return self.kind == 'clip'
+
+  @property
+  def num_tokens(self):
+    """Image tokens per image that reach the connector."""
+    return self.num_patches + (1 if self.has_cls and self.feature_select == 'full' else 0)
+
+  @property
+  def activation(self):
+    return self.act or {'clip': 'quick_gelu', 'siglip': 'gelu_tanh'}[self.kind]
+
+  @property
+  def layers_used(self):
+    """Number of encoder layers whose output is needed for `feature_layer`."""
+    n = self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
+    if not 0 <= n <= self.depth:
+      raise ValueError(f'config.model.vision.feature_layer={self.feature_layer} is outside '
+                       f'[-{self.depth + 1}, {self.depth}] for a {self.depth}-layer tower')
+    return n
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+  kind: str = 'mlp'               # 'mlp' (LLaVA mlp{depth}x_gelu) | 'linear'; later 'qformer'
+  depth: int = 2
+  act: str = 'gelu'
+  bias: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class MLLMConfig:
+  llm: LLMConfig = LLMConfig()
+  vision: VisionConfig | None = VisionConfig()
+  connector: ConnectorConfig = ConnectorConfig()
+  image_token_id: int = -1
+  dtype: str = 'float32'          # compute dtype
+  param_dtype: str = 'float32'
+  attention: str = 'einsum'       # 'einsum' | 'xla'
+  remat_policy: str = 'none'      # see mllm_jax.models.llm.REMAT_POLICIES
+  vision_remat_policy: str = 'none'
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'MLLMConfig':
+    d = dict(d)
+    llm = dict(d.pop('llm', {}) or {})
+    vision = d.pop('vision', None)
+    out = dict(
+        llm=_build(LLMConfig, llm, 'config.model.llm'),
+        vision=_build(VisionConfig, vision, 'config.model.vision') if vision else None,
+        connector=_build(ConnectorConfig, d.pop('connector', {}), 'config.model.connector'))
+    out.update(d)
+    return _build(cls, out, 'config.model')
+
+  def to_dict(self):
+    return dataclasses.asdict(self)

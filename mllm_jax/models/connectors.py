@@ -1,0 +1,41 @@
+"""Connectors: vision features [N, tokens, Dv] -> LLM embeddings [N, tokens, E].
+
+`mlp`: LLaVA's projector, Linear(Dv, E) -> act -> Linear(E, E) for depth 2 (`mlp2x_gelu`);
+`linear`: a single Linear(Dv, E) (LLaVA v1). The Q-Former is a later `kind`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.models import layers as L
+from mllm_jax.models.config import ConnectorConfig
+
+
+class MLPConnector(nn.Module):
+  """`depth` linear layers with `act` between them; params linear_1 .. linear_depth."""
+  cfg: ConnectorConfig
+  out_dim: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.cfg
+    depth = 1 if c.kind == 'linear' else c.depth
+    for i in range(depth):
+      if i:
+        x = L.ACTIVATIONS[c.act](x)
+      # Axis names treat the projector as an MLP so no mesh axis appears twice in one kernel.
+      axes = ('embed', 'mlp') if i == 0 else ('mlp', 'mlp_out')
+      x = L.Dense(self.out_dim, axes, use_bias=c.bias, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name=f'linear_{i + 1}')(x)
+    return L.constrain(x, ('act_batch', 'act_length', 'act_embed'))
+
+
+def build_connector(cfg: ConnectorConfig, out_dim: int, dtype, param_dtype):
+  if cfg.kind in ('mlp', 'linear'):
+    if cfg.kind == 'mlp' and cfg.depth < 1:
+      raise ValueError(f'config.model.connector.depth={cfg.depth}: must be >= 1')
+    return MLPConnector(cfg, out_dim, dtype=dtype, param_dtype=param_dtype, name='connector')
+  raise ValueError(f"config.model.connector.kind={cfg.kind!r}: expected 'mlp' or 'linear'")

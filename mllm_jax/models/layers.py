@@ -1,0 +1,201 @@
+"""Building blocks shared by the vision tower and the decoder LLM.
+
+Every parameter carries logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `head_dim`,
+`vocab`, `norm`, ...) and key activations carry `act_*` names; `mllm_jax.sharding` maps both
+onto the device mesh. Parameters live in `param_dtype`; compute runs in `dtype`; softmax and
+norm statistics always run in fp32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mllm_jax import sharding
+
+Dtype = jnp.dtype | str
+# Finite "minus infinity": fully masked rows (left padding) must give zeros, not NaNs.
+NEG_INF = -0.7 * float(np.finfo(np.float32).max)
+
+
+def constrain(x, names: tuple[str | None, ...]):
+  """Sharding hint on an activation; a no-op outside a mesh + logical-rules context.
+
+  Unlike `nn.with_logical_constraint`, a dimension its mesh axes don't divide (e.g. 2 K/V heads
+  on 4 tensor devices) is left unconstrained instead of failing.
+  """
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, sharding.spec_for(x.shape, names, mesh, rules))
+
+
+def dense_init(names: Sequence[str | None], std: float | None = None):
+  """Kernel initialiser with logical axis names (lecun-normal unless `std` is given)."""
+  init = nn.initializers.normal(std) if std else nn.initializers.lecun_normal()
+  return nn.with_logical_partitioning(init, tuple(names))
+
+
+def zeros_init(names):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), tuple(names))
+
+
+def ones_init(names):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
+
+
+class DenseGeneral(nn.Module):
+  """Contract the trailing `in_axes` of x with a kernel [*in_shape, *features].
+
+  E.g. a query projection [embed] -> [heads, head_dim] has kernel [embed, heads, head_dim];
+  an output projection with in_axes=(-2, -1) has kernel [heads, head_dim, embed]. The kernel is
+  created in its final shape, so its logical names (`kernel_axes`) always match its rank.
+  """
+  features: int | tuple[int, ...]
+  kernel_axes: tuple[str | None, ...]
+  in_axes: int | tuple[int, ...] = -1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_axes = (self.in_axes,) if isinstance(self.in_axes, int) else tuple(self.in_axes)
+    in_axes = tuple(a % x.ndim for a in in_axes)
+    in_shape = tuple(x.shape[a] for a in in_axes)
+    fan_in = int(np.prod(in_shape))
+    init = nn.with_logical_partitioning(
+        lambda key, shape, dtype: nn.initializers.normal(fan_in ** -0.5)(key, shape, dtype),
+        self.kernel_axes)
+    kernel = self.param('kernel', init, in_shape + features, self.param_dtype)
+    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
+                            ((in_axes, tuple(range(len(in_axes)))), ((), ())))
+    if self.use_bias:
+      bias = self.param('bias', zeros_init(self.kernel_axes[-len(features):]), features,
+                        self.param_dtype)
+      y = y + jnp.asarray(bias, self.dtype)
+    return y
+
+
+def Dense(features, kernel_axes, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+          name=None):
+  """A plain (in, out) dense layer with logical names; params `kernel` [in, out], `bias` [out]."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=dense_init(kernel_axes), bias_init=zeros_init(kernel_axes[-1:]),
+                  name=name)
+
+
+class RMSNorm(nn.Module):
+  """Llama RMSNorm: `scale * (x32 * rsqrt(mean(x32^2) + eps)).astype(dtype)` (scale after the cast)."""
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', ones_init(('norm',)), (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return jnp.asarray(scale, self.dtype) * y.astype(self.dtype)
+
+
+def LayerNorm(eps, dtype, param_dtype, name=None):
+  """LayerNorm with fp32 statistics and logical names on scale/bias."""
+  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                      scale_init=ones_init(('norm',)), bias_init=zeros_init(('norm',)),
+                      use_fast_variance=False, name=name)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    'gelu': lambda x: nn.gelu(x, approximate=False),   # torch nn.GELU() / HF "gelu"
+    'gelu_tanh': lambda x: nn.gelu(x, approximate=True),   # HF "gelu_pytorch_tanh"
+    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),   # CLIP
+    'silu': jax.nn.silu,
+    'relu': jax.nn.relu,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embeddings (half-split / NeoX layout, as in HF Llama)
+# ----------------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+  """Inverse frequencies [head_dim // 2] with `default`, `linear` or `llama3` scaling."""
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  kind = (scaling or {}).get('type', 'default') or 'default'
+  if kind == 'default':
+    return inv.astype(np.float32)
+  factor = float(scaling['factor'])
+  if kind == 'linear':
+    return (inv / factor).astype(np.float32)
+  if kind == 'llama3':
+    low, high = float(scaling['low_freq_factor']), float(scaling['high_freq_factor'])
+    old_len = float(scaling['original_max_position'])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise ValueError(f"config.model.llm.rope_scaling.type={kind!r}: expected 'default', "
+                   "'linear' or 'llama3'")
+
+
+def rope_cos_sin(positions, inv_freq):
+  """positions [B, T] -> (cos, sin) each [B, T, head_dim] in fp32."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """x [B, T, H, D]; cos/sin [B, T, D]. Rotation in fp32, result in x.dtype."""
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def make_attention_mask(attention_mask, causal: bool, segment_ids=None):
+  """Boolean mask [B, 1, T, T] (True = attend) from a padding mask [B, T] (1 = real token)."""
+  b, t = attention_mask.shape
+  keep = attention_mask.astype(bool)[:, None, None, :]
+  if causal:
+    keep = keep & jnp.tril(jnp.ones((t, t), bool))[None, None]
+  if segment_ids is not None:
+    keep = keep & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+  return keep
+
+
+def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.float32):
+  """Multi-head attention with grouped K/V heads.
+
+  q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H % Hkv == 0; mask: bool [B, 1, T, S] or None.
+  Returns [B, T, H, D]. `impl='einsum'` groups the query heads per K/V head instead of
+  repeating K/V (fastest on XLA CPU); `impl='xla'` calls `jax.nn.dot_product_attention`
+  (cuDNN flash attention on GPU).
+  """
+  b, t, h, d = q.shape
+  hkv = k.shape[2]
+  scale = d ** -0.5
+  if impl == 'xla':
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(dtype)
+  if impl != 'einsum':
+    raise ValueError(f"config.model.attention={impl!r}: expected 'einsum' or 'xla'")
+  qg = q.reshape(b, t, hkv, h // hkv, d)
+  logits = jnp.einsum('btkgd,bskd->bkgts', qg * jnp.asarray(scale, q.dtype), k,
+                      preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask[:, :, None], logits, NEG_INF)   # [B, 1, 1, T, S] broadcast
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
+  return out.reshape(b, t, h, d).astype(dtype)

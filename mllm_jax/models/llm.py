@@ -1,0 +1,155 @@
+"""Decoder-only LLM of the Llama / Qwen2 / Mistral family.
+
+    ids -> embed_tokens -> [DecoderBlock] x depth (nn.scan) -> RMSNorm -> lm_head -> logits
+    DecoderBlock: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x))
+
+Parameter names follow the HF modules (q_proj, gate_proj, input_norm, ...) so that checkpoint
+conversion is a rename plus a transpose. Layers are stacked on a leading `layers` axis.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mllm_jax.models import layers as L
+from mllm_jax.models.config import LLMConfig
+
+REMAT_POLICIES = {
+    'none': None,   # no rematerialisation
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat(module_cls, policy: str, static_argnums=()):
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f'remat policy {policy!r}: expected one of {sorted(REMAT_POLICIES)} '
+                     '(config.model.remat_policy / config.model.vision_remat_policy)')
+  if policy == 'none':
+    return module_cls
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
+                  static_argnums=static_argnums)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with RoPE. x [B, T, E] -> [B, T, E]."""
+  cfg: LLMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  impl: str = 'einsum'
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin):
+    c = self.cfg
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = L.DenseGeneral((c.heads, c.dim_per_head), ('embed', 'heads', 'head_dim'),
+                       use_bias=c.qkv_bias, name='q_proj', **kw)(x)
+    k = L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
+                       use_bias=c.qkv_bias, name='k_proj', **kw)(x)
+    v = L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
+                       use_bias=c.qkv_bias, name='v_proj', **kw)(x)
+    q = L.constrain(L.apply_rope(q, cos, sin), ('act_batch', 'act_length', 'act_heads', None))
+    k = L.constrain(L.apply_rope(k, cos, sin), ('act_batch', 'act_length', 'act_kv_heads', None))
+    v = L.constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
+    out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype)
+    return L.DenseGeneral(c.hidden, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
+                          name='o_proj', **kw)(out)
+
+
+class GatedMLP(nn.Module):
+  """SwiGLU: down(act(gate(x)) * up(x)). x [B, T, E] -> [B, T, E]."""
+  hidden: int
+  mlp_dim: int
+  act: str = 'silu'
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = L.Dense(self.mlp_dim, ('embed', 'mlp'), name='gate_proj', **kw)(x)
+    up = L.Dense(self.mlp_dim, ('embed', 'mlp'), name='up_proj', **kw)(x)
+    h = L.constrain(L.ACTIVATIONS[self.act](gate) * up, ('act_batch', 'act_length', 'act_mlp'))
+    return L.Dense(self.hidden, ('mlp', 'embed'), name='down_proj', **kw)(h)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm transformer block; scanned, so it returns (carry, None)."""
+  cfg: LLMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str = 'einsum'
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = L.RMSNorm(c.norm_eps, name='input_norm', **kw)(x)
+    x = x + Attention(c, impl=self.attention_impl, name='attn', **kw)(h, mask, cos, sin)
+    h = L.RMSNorm(c.norm_eps, name='post_attn_norm', **kw)(x)
+    x = x + GatedMLP(c.hidden, c.mlp_dim, c.act, name='mlp', **kw)(h)
+    return L.constrain(x, ('act_batch', 'act_length', 'act_embed')), None
+
+
+class Decoder(nn.Module):
+  """Causal LM. Call with `input_ids` (or `inputs_embeds`) -> fp32 logits [B, T, vocab].
+
+  `attention_mask` [B, T] (1 = real token) masks padded keys; `positions` [B, T] defaults to
+  0..T-1 (as transformers does without explicit position ids); `segment_ids` [B, T] restricts
+  attention to tokens of the same packed sample.
+  """
+  cfg: LLMConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str = 'einsum'
+  remat_policy: str = 'none'
+
+  def setup(self):
+    c = self.cfg
+    self.embed_tokens = nn.Embed(
+        c.vocab_size, c.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                    ('vocab', 'embed')))
+    block = remat(DecoderBlock, self.remat_policy)
+    self.layers = nn.scan(
+        block, variable_axes={'params': 0}, split_rngs={'params': True},
+        in_axes=(nn.broadcast,) * 3, length=c.depth,
+        metadata_params={nn.PARTITION_NAME: 'layers'})(
+            c, self.dtype, self.param_dtype, self.attention_impl)
+    self.norm = L.RMSNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    if not c.tie_embeddings:
+      self.lm_head = L.Dense(c.vocab_size, ('embed', 'vocab'), dtype=self.dtype,
+                             param_dtype=self.param_dtype)
+
+  def embed(self, input_ids):
+    """[B, T] int -> [B, T, E]."""
+    return L.constrain(self.embed_tokens(input_ids), ('act_batch', 'act_length', 'act_embed'))
+
+  def hidden_states(self, inputs_embeds, attention_mask=None, positions=None, segment_ids=None):
+    """[B, T, E] -> final-normed hidden states [B, T, E]."""
+    b, t, _ = inputs_embeds.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = L.make_attention_mask(attention_mask, causal=True, segment_ids=segment_ids)
+    inv_freq = L.rope_inv_freq(self.cfg.dim_per_head, self.cfg.rope_theta,
+                               self.cfg.rope_scaling.as_dict())
+    cos, sin = L.rope_cos_sin(positions, inv_freq)
+    x, _ = self.layers(inputs_embeds.astype(self.dtype), mask, cos, sin)
+    return self.norm(x)
+
+  def logits(self, h):
+    """[B, T, E] -> fp32 [B, T, vocab]."""
+    if self.cfg.tie_embeddings:
+      out = self.embed_tokens.attend(h)
+    else:
+      out = self.lm_head(h)
+    return L.constrain(out.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+
+  def __call__(self, input_ids=None, attention_mask=None, positions=None, segment_ids=None,
+               inputs_embeds=None):
+    if inputs_embeds is None:
+      inputs_embeds = self.embed(input_ids)
+    return self.logits(self.hidden_states(inputs_embeds, attention_mask, positions, segment_ids))

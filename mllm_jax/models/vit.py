@@ -1,0 +1,114 @@
+"""ViT image encoder in the CLIP and SigLIP variants.
+
+    CLIP:   patches (conv, no bias) -> [CLS; patches] + pos -> pre_norm -> blocks (quick_gelu)
+    SigLIP: patches (conv + bias)   ->  patches       + pos ->            blocks (gelu_tanh)
+    block:  x += Attn(LN(x)); x += MLP(LN(x))                               (pre-LN)
+
+The features handed to the connector are hidden state `feature_layer` (0 = embeddings, L = last
+layer), before `post_norm`, as LLaVA reads `hidden_states[vision_feature_layer]`; layers past it
+are skipped at run time. `post_norm` is kept for checkpoint round trips and `pooled`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mllm_jax.models import layers as L
+from mllm_jax.models.config import VisionConfig
+from mllm_jax.models.llm import remat
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN ViT block with biased q/k/v/o and a 2-layer MLP. Scanned: (x, i) -> (x, i+1)."""
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str = 'einsum'
+
+  def layer(self, x):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    d = c.width // c.heads
+    h = L.LayerNorm(c.norm_eps, name='norm1', **kw)(x)
+    q, k, v = (L.DenseGeneral((c.heads, d), ('embed', 'heads', 'head_dim'), use_bias=True,
+                              name=f'{n}_proj', **kw)(h) for n in 'qkv')
+    a = L.dot_product_attention(q, k, v, None, impl=self.attention_impl, dtype=self.dtype)
+    x = x + L.DenseGeneral(c.width, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
+                           use_bias=True, name='o_proj', **kw)(a)
+    h = L.LayerNorm(c.norm_eps, name='norm2', **kw)(x)
+    h = L.Dense(c.mlp_dim, ('embed', 'mlp'), use_bias=True, name='fc1', **kw)(h)
+    h = L.constrain(L.ACTIVATIONS[c.activation](h), ('act_batch', 'act_length', 'act_mlp'))
+    x = x + L.Dense(c.width, ('mlp', 'embed'), use_bias=True, name='fc2', **kw)(h)
+    return L.constrain(x, ('act_batch', 'act_length', 'act_embed'))
+
+  @nn.compact
+  def __call__(self, carry, layers_used: int):
+    x, i = carry
+    if self.is_initializing() or layers_used >= self.cfg.depth:
+      x = self.layer(x)
+    else:   # skip the layers past `feature_layer` (e.g. the last one for LLaVA's -2)
+      x = nn.cond(i < layers_used, lambda m, x: m.layer(x), lambda m, x: x, self, x)
+    return (x, i + 1), None
+
+
+class VisionEncoder(nn.Module):
+  """pixel_values [N, H, W, 3] (normalised, channels-last) -> features [N, num_tokens, width]."""
+  cfg: VisionConfig
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str = 'einsum'
+  remat_policy: str = 'none'
+
+  def setup(self):
+    c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if c.kind not in ('clip', 'siglip'):
+      raise ValueError(f"config.model.vision.kind={c.kind!r}: expected 'clip' or 'siglip'")
+    if c.feature_select not in ('patch', 'full'):
+      raise ValueError(f"config.model.vision.feature_select={c.feature_select!r}: expected "
+                       "'patch' (drop the class token) or 'full'")
+    self.patch_embed = nn.Conv(
+        c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding='VALID',
+        use_bias=not c.has_cls, kernel_init=L.dense_init((None, None, None, 'embed')),
+        bias_init=L.zeros_init(('embed',)), **kw)
+    n_pos = c.num_patches + (1 if c.has_cls else 0)
+    if c.has_cls:
+      self.class_embedding = self.param(
+          'class_embedding', L.dense_init(('embed',), std=c.width ** -0.5), (c.width,),
+          self.param_dtype)
+      self.pre_norm = L.LayerNorm(c.norm_eps, **kw)
+    self.position_embedding = self.param(
+        'position_embedding', L.dense_init((None, 'embed'), std=0.02), (n_pos, c.width),
+        self.param_dtype)
+    self.layers = nn.scan(
+        remat(EncoderBlock, self.remat_policy, static_argnums=(2,)),
+        variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=(nn.broadcast,),
+        length=c.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
+            c, self.dtype, self.param_dtype, self.attention_impl)
+    self.post_norm = L.LayerNorm(c.norm_eps, **kw)
+
+  def embeddings(self, pixel_values):
+    c = self.cfg
+    x = self.patch_embed(pixel_values.astype(self.dtype))   # [N, h, w, D]
+    x = x.reshape(x.shape[0], -1, c.width)
+    if c.has_cls:
+      cls = jnp.broadcast_to(jnp.asarray(self.class_embedding, self.dtype), (x.shape[0], 1, c.width))
+      x = jnp.concatenate([cls, x], axis=1)
+    x = x + jnp.asarray(self.position_embedding, self.dtype)[None]
+    if c.has_cls:
+      x = self.pre_norm(x)
+    return L.constrain(x, ('act_batch', 'act_length', 'act_embed'))
+
+  def __call__(self, pixel_values):
+    c = self.cfg
+    x = self.embeddings(pixel_values)
+    (x, _), _ = self.layers((x, jnp.int32(0)), c.layers_used)
+    if self.is_initializing():
+      self.post_norm(x)   # create its params
+    if c.has_cls and c.feature_select == 'patch':
+      x = x[:, 1:]
+    return x
+
+  def pooled(self, pixel_values):
+    """Pooled output as in transformers: post_norm(CLS) for CLIP (all layers run)."""
+    x = self.embeddings(pixel_values)
+    (x, _), _ = self.layers((x, jnp.int32(0)), self.cfg.depth)
+    return self.post_norm(x[:, 0] if self.cfg.has_cls else x)

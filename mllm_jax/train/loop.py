@@ -1,0 +1,293 @@
+"""The training loop: stages in order (e.g. pretrain then SFT), each data -> jitted steps ->
+metrics -> checkpoints -> held-out evaluation. Rerunning on a workdir resumes from its latest
+checkpoint, mid-stage or at a stage boundary, and sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from mllm_jax import sharding as shd
+from mllm_jax.checkpoint import Checkpointer, RunPosition
+from mllm_jax.data import images as image_utils
+from mllm_jax.data import synthetic, tokenizer as tok_lib
+from mllm_jax.models import MLLM, MLLMConfig
+from mllm_jax.train import optim, steps
+from mllm_jax.train.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config -> model, tokenizer, data
+# ----------------------------------------------------------------------------------------------
+def load_tokenizer(config, workdir):
+  path = config.data.tokenizer
+  if not path:
+    return tok_lib.get_or_build_demo_tokenizer(os.path.join(workdir, 'tokenizer'))
+  return tok_lib.load_tokenizer(path)
+
+
+def model_config(config, tokenizer=None) -> MLLMConfig:
+  """`config.model` as an MLLMConfig, filling tokenizer-derived values (vocab size, image id)."""
+  d = config.model.to_dict()
+  if d['vision']['kind'] == 'none':
+    d['vision'] = None
+  if d['llm']['vocab_size'] == 0:
+    if tokenizer is None:
+      raise ValueError('config.model.llm.vocab_size=0 needs a tokenizer to size the vocabulary')
+    d['llm']['vocab_size'] = -(-len(tokenizer) // 8) * 8
+  if d['image_token_id'] == -1 and d['vision'] is not None:
+    if tokenizer is None:
+      raise ValueError('config.model.image_token_id=-1 needs a tokenizer with an <image> token')
+    d['image_token_id'] = tokenizer.convert_tokens_to_ids('<image>')
+  return MLLMConfig.from_dict(d)
+
+
+def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):
+  if config.data.source != 'synthetic':
+    raise ValueError(f'config.data.source={config.data.source!r}: only the built-in '
+                     "'synthetic' source exists so far (LLaVA JSON / TFDS sources come with the "
+                     'data-pipeline work)')
+  v = mcfg.vision
+  if config.data.image_norm not in image_utils.NORMALIZATION:
+    raise ValueError(f'config.data.image_norm={config.data.image_norm!r}: expected one of '
+                     f'{sorted(image_utils.NORMALIZATION)}')
+  mean, std = image_utils.NORMALIZATION[config.data.image_norm]
+  return synthetic.SyntheticTask(
+      tokenizer, kind=task, split=split, seed=config.seed, image_size=v.image_size,
+      num_image_tokens=v.num_tokens, max_len=config.data.max_len,
+      max_images=config.data.max_images, image_mean=mean, image_std=std)
+
+
+def prefetch(it: Iterator, size: int) -> Iterator:
+  """Produce host batches in a background thread so the next batch is ready when a step ends."""
+  if size <= 0:
+    yield from it
+    return
+  q: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def worker():
+    try:
+      for item in it:
+        if stop.is_set():
+          return
+        q.put(item)
+    except BaseException as e:   # surfaced in the consumer
+      q.put(e)
+  threading.Thread(target=worker, daemon=True).start()
+  try:
+    while True:
+      item = q.get()
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:
+    stop.set()
+
+
+def train_batches(task, start_step: int, batch_size: int, accum: int):
+  """Batch of step s = samples [s*batch_size, (s+1)*batch_size), as [accum, micro, ...] arrays."""
+  step = start_step
+  while True:
+    b = task.batch(step * batch_size, batch_size)
+    yield {k: v.reshape((accum, batch_size // accum) + v.shape[1:]) for k, v in b.items()
+           if k != 'num_images'}
+    step += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+_EVAL_CACHE: dict = {}
+
+
+def evaluate(config, factory, params, task, mesh, rules) -> dict:
+  n, bs = config.train.eval_examples, config.train.eval_batch_size
+  shd.check_batch_divisible(bs, mesh, 'config.train.eval_batch_size')
+  eval_fn = _EVAL_CACHE.get(id(factory))
+  totals: dict = {}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for start in range(0, n, bs):
+      b = {k: v for k, v in task.batch(start, bs).items() if k != 'num_images'}
+      if eval_fn is None:   # one compiled eval step per model, reused by every evaluation
+        eval_fn = _EVAL_CACHE[id(factory)] = steps.jit_eval_step(
+            steps.make_eval_step(factory.model), factory.param_shardings, mesh,
+            {k: v.ndim for k, v in b.items()})
+      out = jax.device_get(eval_fn(params, shd.shard_batch(b, mesh)))
+      for k, v in out.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+  res = {'eval/loss': totals['loss_sum'] / max(totals['tokens'], 1),
+         'eval/token_accuracy': totals['correct'] / max(totals['tokens'], 1)}
+  if 'answers' in totals:
+    res['eval/accuracy'] = totals['answers_right'] / max(totals['answers'], 1)
+    res['eval/answers'] = totals['answers']
+  return res
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+def stage_names(config) -> list[str]:
+  names = [s.strip() for s in config.train.stages.split(',') if s.strip()]
+  if not names:
+    raise ValueError('config.train.stages is empty; e.g. --config.train.stages=pretrain,sft')
+  for n in names:
+    if n not in config or 'trainable' not in config[n]:
+      raise ValueError(f'config.train.stages names {n!r}, but config.{n} is not a stage config '
+                       '(see mllm_jax.config.stage_config)')
+  return names
+
+
+def stage_setup(config, factory, name):
+  sc = config[name]
+  if sc.batch_size % sc.grad_accum:
+    raise ValueError(f'config.{name}.batch_size={sc.batch_size} is not divisible by '
+                     f'config.{name}.grad_accum={sc.grad_accum}')
+  shd.check_batch_divisible(sc.batch_size // sc.grad_accum, factory.mesh,
+                            f'config.{name}.batch_size / config.{name}.grad_accum')
+  tx = optim.make_optimizer(sc.optim, sc.steps)
+  mask = factory.mask(sc.trainable, f'config.{name}.trainable')
+  return sc, tx, mask
+
+
+def run(config, workdir: str) -> dict:
+  """Run every stage of `config.train.stages`; returns the final held-out metrics (None when
+  `config.train.max_steps_per_run` stopped the run early)."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = shd.make_mesh(config.mesh.to_dict())
+  rules = shd.logical_rules(config.sharding.rules)
+  tokenizer = load_tokenizer(config, workdir)
+  mcfg = model_config(config, tokenizer)
+  model = MLLM(mcfg)
+  factory = steps.StateFactory(model, mesh, rules)
+  names = stage_names(config)
+  offsets = np.cumsum([0] + [config[n].steps for n in names]).tolist()
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract_params))
+  print(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; stages {names}')
+
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints)
+  pos = ckpt.latest()
+  writer = MetricsWriter(workdir, resume_step=pos.global_step if pos else None)
+  state, params, first = None, None, 0
+  if pos is None:
+    params = factory.init_params(jax.random.key(config.seed))
+  else:
+    if pos.stage_index >= len(names) or names[pos.stage_index] != pos.stage:
+      raise ValueError(f'{ckpt.directory} holds a checkpoint of stage {pos.stage!r} (index '
+                       f'{pos.stage_index}), but config.train.stages={config.train.stages!r}; '
+                       'use the same stages, or a fresh --workdir')
+    _, tx, mask = stage_setup(config, factory, pos.stage)
+    state = ckpt.restore_state(pos.global_step, factory.abstract_state(tx, mask))
+    print(f'Resumed from {ckpt.directory} at step {pos.global_step} '
+          f'(stage {pos.stage}, step {pos.stage_step}{", done" if pos.stage_done else ""})')
+    first = pos.stage_index
+    if pos.stage_done:
+      params, state, first = state.params, None, pos.stage_index + 1
+
+  results: dict = {}
+  budget = [config.train.max_steps_per_run or None]   # steps this process may still take
+  try:
+    for i in range(first, len(names)):
+      state, results = run_stage(config, factory, tokenizer, mcfg, names, i, offsets[i],
+                                 state, params, ckpt, writer, mesh, rules, budget)
+      if results is None or (budget[0] == 0 and i + 1 < len(names)):
+        print(f'Stopped after config.train.max_steps_per_run={config.train.max_steps_per_run} '
+              f'steps; rerun the same command to continue from {ckpt.directory}')
+        return None
+      params, state = state.params, None
+    if first == len(names):   # every stage already finished: report the final model again
+      sc = config[names[-1]]
+      results = evaluate(config, factory, params,
+                         make_task(config, tokenizer, mcfg, sc.task, 'eval'), mesh, rules)
+      print(f'All stages are finished in {workdir}; held-out: ' +
+            ', '.join(f'{k} {v:.4f}' for k, v in results.items()))
+  finally:
+    writer.close()
+    ckpt.close()
+  return results
+
+
+def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, params, ckpt,
+              writer, mesh, rules, budget):
+  """Train stage `names[index]` to its end -> (state, held-out metrics), or stop early when
+  `budget[0]` steps have been taken (checkpoint saved) -> (state, None)."""
+  name = names[index]
+  sc, tx, mask = stage_setup(config, factory, name)
+  if state is None:
+    state = factory.create_state(params, tx, mask)
+  train_task = make_task(config, tokenizer, mcfg, sc.task, 'train')
+  eval_task = make_task(config, tokenizer, mcfg, sc.task, 'eval')
+  step_fn = steps.make_train_step(factory.model, tx, mask,
+                                  optim.learning_rate_schedule(sc.optim, sc.steps))
+  start = int(jax.device_get(state.step))
+  batches = prefetch(train_batches(train_task, start, sc.batch_size, sc.grad_accum),
+                     config.data.prefetch)
+  config_json = config.to_json_best_effort()
+
+  def save(stage_step, done):
+    ckpt.save(RunPosition(name, index, stage_step, done, offset + stage_step), state, config_json)
+
+  def run_eval(stage_step):
+    res = evaluate(config, factory, state.params, eval_task, mesh, rules)
+    writer.write(offset + stage_step, res)
+    return res
+
+  n_trainable = sum(int(np.prod(x.shape)) for x in
+                    jax.tree.leaves(optim.split_params(factory.abstract_params, mask)[0]))
+  print(f'Stage {name!r}: {sc.steps} steps of {sc.batch_size} {sc.task} samples, '
+        f'{n_trainable / 1e6:.2f}M trainable parameters ({sc.trainable})')
+  jstep = None
+  bar = tqdm.tqdm(total=sc.steps, initial=start, desc=name, dynamic_ncols=True,
+                  disable=not config.train.progress_bar)
+  t0, tokens = time.time(), 0
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for s in range(start, sc.steps):
+      host = next(batches)
+      if jstep is None:
+        jstep = steps.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh,
+                                     {k: v.ndim - 1 for k, v in host.items()})
+      state, metrics = jstep(state, shd.shard_batch(host, mesh, leading_accum=True))
+      tokens += int(host['attention_mask'].sum())
+      done = s + 1
+      if done % config.train.log_every == 0 or done == sc.steps:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.time() - t0
+        m['tokens_per_s'] = tokens / dt if dt > 0 else 0.0
+        m['stage'] = name
+        writer.write(offset + done, m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
+        t0, tokens = time.time(), 0
+        if not np.isfinite(m['loss']):
+          raise FloatingPointError(f'stage {name}: non-finite loss {m["loss"]} at step {done}')
+      bar.update(1)
+      if sc.eval_every and done % sc.eval_every == 0 and done < sc.steps:
+        run_eval(done)
+      if budget[0] is not None:
+        budget[0] -= 1
+      if done < sc.steps and (budget[0] == 0 or (config.train.checkpoint_every and
+                                                  done % config.train.checkpoint_every == 0)):
+        save(done, False)
+      if budget[0] == 0 and done < sc.steps:
+        bar.close()
+        return state, None
+  bar.close()
+  results = run_eval(sc.steps)
+  save(sc.steps, True)
+  msg = ', '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'eval/answers')
+  chance = ''
+  if sc.task == 'vqa':
+    chance = f" (a model blind to the image: ~{synthetic.chance_accuracy(seed=config.seed)['all']:.2f})"
+  print(f'Stage {name!r} held-out: {msg}{chance}')
+  return state, results

@@ -1,0 +1,157 @@
+"""Jitted, sharded train and eval steps: `step(state, batch) -> (state, metrics)`.
+
+The state is created already sharded (jitted init with out_shardings derived from the logical
+axis names), and the train step donates it. A batch for the train step has a leading gradient
+accumulation axis: every leaf is [accum, micro_batch, ...]; the loss is normalised by the
+number of loss tokens in the whole (global) batch, so accumulation and sharding don't change it.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_jax import sharding as shd
+from mllm_jax.train import losses
+from mllm_jax.train.optim import merge_params, split_params, trainable_mask
+
+MODEL_INPUTS = ('input_ids', 'pixel_values', 'attention_mask', 'positions', 'segment_ids')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array      # int32 scalar, optimizer steps taken in this stage
+  params: Any          # full parameter tree (trainable and frozen)
+  opt_state: Any       # optimiser state of the trainable subtree only
+
+
+def model_inputs(batch):
+  return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def init_inputs(cfg):
+  """Smallest inputs that create every parameter."""
+  return dict(input_ids=jnp.zeros((1, 8), jnp.int32))
+
+
+def _unbox(tree):
+  return nn.meta.unbox(tree)
+
+
+class StateFactory:
+  """Abstract shapes, logical shardings and sharded creation of params and optimizer state."""
+
+  def __init__(self, model: nn.Module, mesh, rules):
+    self.model, self.mesh, self.rules = model, mesh, rules
+    self.boxed = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), **init_inputs(model.cfg))['params'])
+    self.param_shardings = shd.shardings_from_boxed(self.boxed, mesh, rules)
+    self.abstract_params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _unbox(self.boxed),
+        self.param_shardings)
+
+  def init_params(self, rng):
+    """Parameters created directly in their sharded layout (no host ever holds them whole)."""
+    # No logical-rules context here: out_shardings place every parameter, and flax's own
+    # init-time constraints would ignore our divisibility fallback.
+    init = lambda r: _unbox(self.model.init(r, **init_inputs(self.model.cfg))['params'])
+    return jax.jit(init, out_shardings=self.param_shardings)(rng)
+
+  def mask(self, pattern: str, key: str):
+    return trainable_mask(_unbox(self.boxed), pattern, key)
+
+  def opt_state_shardings(self, tx, mask):
+    boxed_train, _ = split_params(self.boxed, mask)
+    return shd.shardings_from_boxed(jax.eval_shape(tx.init, boxed_train), self.mesh, self.rules)
+
+  def state_shardings(self, tx, mask):
+    return TrainState(step=NamedSharding(self.mesh, P()), params=self.param_shardings,
+                      opt_state=self.opt_state_shardings(tx, mask))
+
+  def create_state(self, params, tx, mask) -> TrainState:
+    """Fresh optimizer state (sharded like its parameters) for `params`."""
+    shardings = self.state_shardings(tx, mask)
+
+    def make(params):
+      trainable, _ = split_params(params, mask)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(trainable))
+    return jax.jit(make, out_shardings=shardings)(params)
+
+  def abstract_state(self, tx, mask) -> TrainState:
+    shardings = self.state_shardings(tx, mask)
+
+    def make(params):
+      trainable, _ = split_params(params, mask)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
+    shapes = jax.eval_shape(make, self.abstract_params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        shapes, shardings)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict,
+                    schedule: Callable | None = None):
+  """Returns train_step(state, batch) -> (state, metrics); batch leaves are [accum, b, ...]."""
+
+  def train_step(state: TrainState, batch):
+    trainable, frozen = split_params(state.params, mask)
+    n_tokens = jnp.maximum(batch['loss_mask'][:, :, 1:].sum(), 1.0)
+
+    def micro_step(grads, mb):
+      def loss_fn(tp):
+        logits = model.apply({'params': merge_params(tp, frozen)}, **model_inputs(mb))
+        out = losses.next_token_loss(logits, mb['input_ids'], mb['loss_mask'])
+        return out['loss_sum'] / n_tokens, out
+      (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+      return jax.tree.map(jnp.add, grads, g), out
+
+    accum = batch['input_ids'].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    if accum == 1:
+      grads, out = micro_step(zeros, jax.tree.map(lambda x: x[0], batch))
+    else:
+      grads, out = jax.lax.scan(micro_step, zeros, batch)
+      out = jax.tree.map(jnp.sum, out)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = dict(loss=out['loss_sum'] / n_tokens, token_accuracy=out['correct'] / n_tokens,
+                   loss_tokens=out['tokens'], grad_norm=optax.tree.norm(grads))
+    if schedule is not None:
+      metrics['lr'] = schedule(state.step)
+    new = TrainState(step=state.step + 1, params=merge_params(trainable, frozen),
+                     opt_state=opt_state)
+    return new, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module):
+  """eval_step(params, batch) -> summed counts (loss_sum, tokens, correct, answers, answers_right)."""
+
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, **model_inputs(batch))
+    out = losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
+    if 'turn_ids' in batch:
+      out.update(losses.answer_accuracy(logits, batch['input_ids'], batch['turn_ids']))
+    return out
+
+  return eval_step
+
+
+def jit_train_step(step_fn, state_shardings, mesh, batch_keys_ndim: dict):
+  batch_sh = {k: NamedSharding(mesh, shd.batch_spec(mesh, nd, leading_accum=True))
+              for k, nd in batch_keys_ndim.items()}
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh),
+                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def jit_eval_step(eval_fn, param_shardings, mesh, batch_keys_ndim: dict):
+  batch_sh = {k: NamedSharding(mesh, shd.batch_spec(mesh, nd)) for k, nd in batch_keys_ndim.items()}
+  return jax.jit(eval_fn, in_shardings=(param_shardings, batch_sh),
+                 out_shardings=NamedSharding(mesh, P()))

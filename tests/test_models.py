@@ -1,0 +1,282 @@
+"""Model core: shapes, masks, RoPE, attention, ViT feature selection, image-token merging, and
+logit parity of the decoder against transformers' Llama / Qwen2 built with random weights."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from mllm_jax.models import MLLM, Decoder, LLMConfig, MLLMConfig, VisionConfig, layers as L
+from mllm_jax.models import merge_image_features
+from mllm_jax.models.vit import VisionEncoder
+
+TINY = dict(
+    llm=dict(vocab_size=96, hidden=32, depth=2, heads=4, kv_heads=2, mlp_dim=64),
+    vision=dict(kind='clip', image_size=16, patch_size=8, width=16, depth=3, heads=2,
+                mlp_dim=32, feature_layer=-2),
+    image_token_id=3)
+IMG = 3
+
+
+def unbox(v):
+  return jax.tree.map(lambda x: x.unbox() if hasattr(x, 'unbox') else x, v,
+                      is_leaf=lambda x: hasattr(x, 'unbox'))
+
+
+def tiny_mllm(**over):
+  d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+  for k, v in over.items():
+    if isinstance(v, dict):
+      d[k].update(v)
+    else:
+      d[k] = v
+  cfg = MLLMConfig.from_dict(d)
+  model = MLLM(cfg)
+  params = unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))['params']
+  return model, params
+
+
+def jitted(model):
+  """model.apply, compiled (eager Flax apply re-traces every scan and is slow on CPU)."""
+  return jax.jit(lambda p, *a, **k: model.apply({'params': p}, *a, **k))
+
+
+def test_shapes_and_dtypes():
+  model, params = tiny_mllm()
+  fwd = jitted(model)
+  ids = jnp.array([[1, IMG, IMG, IMG, IMG, 7, 8, 9]])
+  out = fwd(params, ids, jnp.ones((1, 1, 16, 16, 3)))
+  assert out.shape == (1, 8, 96) and out.dtype == jnp.float32
+  # scanned layers carry a leading layers axis
+  assert params['llm']['layers']['attn']['q_proj']['kernel'].shape == (2, 32, 4, 8)
+  assert params['llm']['layers']['attn']['k_proj']['kernel'].shape == (2, 32, 2, 8)
+  assert params['vision']['layers']['fc1']['kernel'].shape == (3, 16, 32)
+
+
+def test_bf16_compute_keeps_fp32_params_and_logits():
+  model, params = tiny_mllm(dtype='bfloat16')
+  fwd = jitted(model)
+  assert params['llm']['layers']['mlp']['up_proj']['kernel'].dtype == jnp.float32
+  out = fwd(params, jnp.array([[1, 5, 6]]))
+  assert out.dtype == jnp.float32
+  ref_model = MLLM(dataclasses.replace(model.cfg, dtype='float32'))
+  ref = jitted(ref_model)(params, jnp.array([[1, 5, 6]]))
+  assert float(jnp.max(jnp.abs(out - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_causal_and_padding_masks():
+  model, params = tiny_mllm()
+  fwd = jitted(model)
+  ids = jnp.array([[1, 5, 6, 7, 8, 9]])
+  base = fwd(params, ids)
+  changed = fwd(params, ids.at[0, 4].set(20))
+  np.testing.assert_allclose(base[0, :4], changed[0, :4], atol=1e-6)   # future never leaks
+  assert not np.allclose(base[0, 4:], changed[0, 4:])
+  # right padding: real positions unchanged whatever the pad tokens are
+  padded = jnp.array([[1, 5, 6, 7, 0, 0], [1, 5, 6, 7, 50, 51]])
+  mask = jnp.array([[1, 1, 1, 1, 0, 0]] * 2)
+  out = fwd(params, padded, attention_mask=mask)
+  np.testing.assert_allclose(out[0, :4], out[1, :4], atol=1e-6)
+  np.testing.assert_allclose(out[0, :4], base[0, :4], atol=1e-5)
+  # left padding with explicit positions equals the unpadded sequence, and no NaNs anywhere
+  left = jnp.array([[0, 0, 1, 5, 6, 7]])
+  lmask = jnp.array([[0, 0, 1, 1, 1, 1]])
+  pos = jnp.array([[0, 0, 0, 1, 2, 3]])
+  out = fwd(params, left, attention_mask=lmask, positions=pos)
+  assert bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(out[0, 2:], base[0, :4], atol=1e-5)
+
+
+def test_attention_impls_agree_with_gqa_and_mask():
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  q = jax.random.normal(k1, (2, 5, 6, 8))
+  k = jax.random.normal(k2, (2, 5, 2, 8))
+  v = jax.random.normal(k3, (2, 5, 2, 8))
+  mask = L.make_attention_mask(jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]), causal=True)
+  a = L.dot_product_attention(q, k, v, mask, impl='einsum')
+  b = L.dot_product_attention(q, k, v, mask, impl='xla')
+  np.testing.assert_allclose(a, b, atol=1e-5)
+  # reference: repeat K/V per group, plain softmax
+  kr, vr = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+  logits = jnp.einsum('bthd,bshd->bhts', q, kr) / np.sqrt(8)
+  logits = jnp.where(mask, logits, -1e30)
+  ref = jnp.einsum('bhts,bshd->bthd', jax.nn.softmax(logits, -1), vr)
+  np.testing.assert_allclose(a, ref, atol=1e-5)
+
+
+def test_rms_norm_formula():
+  x = jnp.array([[1.0, -2.0, 3.0, 0.5]])
+  out = L.RMSNorm(eps=1e-6).apply({'params': {'scale': jnp.array([1.0, 2.0, 0.5, 1.0])}}, x)
+  ref = np.array([1.0, -2.0, 3.0, 0.5]) / np.sqrt(np.mean(np.square([1.0, -2.0, 3.0, 0.5])) + 1e-6)
+  np.testing.assert_allclose(out[0], ref * np.array([1.0, 2.0, 0.5, 1.0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize('scaling', [
+    dict(rope_type='linear', factor=4.0),
+    dict(rope_type='llama3', factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=64)])
+def test_rope_scaling_matches_transformers(scaling):
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  hf_cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512,
+                                    rope_parameters=dict(rope_theta=500000.0, **scaling))
+  inv_hf, _ = ROPE_INIT_FUNCTIONS[scaling['rope_type']](hf_cfg, 'cpu')
+  ours = L.rope_inv_freq(128, 500000.0, dict(
+      type=scaling['rope_type'], factor=scaling['factor'],
+      low_freq_factor=scaling.get('low_freq_factor', 1.0),
+      high_freq_factor=scaling.get('high_freq_factor', 4.0),
+      original_max_position=scaling.get('original_max_position_embeddings', 8192)))
+  np.testing.assert_allclose(ours, inv_hf.numpy(), rtol=1e-6)
+
+
+def _decoder_params_from_torch(hf, cfg: LLMConfig):
+  """Map a transformers Llama/Qwen2 state dict onto our scanned parameter tree."""
+  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  n, e, h, kv, d = cfg.depth, cfg.hidden, cfg.heads, cfg.num_kv_heads, cfg.dim_per_head
+  stack = lambda fmt, f: np.stack([f(sd[fmt.format(i)]) for i in range(n)])
+  attn = {
+      'q_proj': {'kernel': stack('model.layers.{}.self_attn.q_proj.weight', lambda w: w.T.reshape(e, h, d))},
+      'k_proj': {'kernel': stack('model.layers.{}.self_attn.k_proj.weight', lambda w: w.T.reshape(e, kv, d))},
+      'v_proj': {'kernel': stack('model.layers.{}.self_attn.v_proj.weight', lambda w: w.T.reshape(e, kv, d))},
+      'o_proj': {'kernel': stack('model.layers.{}.self_attn.o_proj.weight', lambda w: w.T.reshape(h, d, e))}}
+  if cfg.qkv_bias:
+    for name, heads in (('q_proj', h), ('k_proj', kv), ('v_proj', kv)):
+      attn[name]['bias'] = stack('model.layers.{}.self_attn.%s.bias' % name, lambda b: b.reshape(heads, d))
+  p = {'embed_tokens': {'embedding': sd['model.embed_tokens.weight']},
+       'layers': {
+           'attn': attn,
+           'mlp': {m: {'kernel': stack('model.layers.{}.mlp.%s.weight' % m, lambda w: w.T)}
+                   for m in ('gate_proj', 'up_proj', 'down_proj')},
+           'input_norm': {'scale': stack('model.layers.{}.input_layernorm.weight', lambda w: w)},
+           'post_attn_norm': {'scale': stack('model.layers.{}.post_attention_layernorm.weight', lambda w: w)}},
+       'norm': {'scale': sd['model.norm.weight']}}
+  if not cfg.tie_embeddings:
+    p['lm_head'] = {'kernel': sd['lm_head.weight'].T}
+  return jax.tree.map(jnp.asarray, p)
+
+
+@pytest.mark.parametrize('family', ['llama_gqa', 'qwen2_bias_tied', 'llama3_rope'])
+def test_decoder_logits_match_transformers(family):
+  torch.manual_seed(0)
+  common = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, rms_norm_eps=1e-5, max_position_embeddings=128,
+                attn_implementation='eager')
+  if family == 'llama_gqa':
+    hf_cfg = transformers.LlamaConfig(num_key_value_heads=2, **common)
+    ours = LLMConfig(vocab_size=128, hidden=64, depth=2, heads=4, kv_heads=2, mlp_dim=96, norm_eps=1e-5)
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+  elif family == 'qwen2_bias_tied':
+    hf_cfg = transformers.Qwen2Config(num_key_value_heads=1, tie_word_embeddings=True, **common)
+    ours = LLMConfig(vocab_size=128, hidden=64, depth=2, heads=4, kv_heads=1, mlp_dim=96,
+                     norm_eps=1e-5, qkv_bias=True, tie_embeddings=True)
+    hf = transformers.Qwen2ForCausalLM(hf_cfg)
+    with torch.no_grad():   # transformers initialises biases to zero; make them matter
+      for layer in hf.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+          proj.bias.normal_(0, 0.5)
+  else:
+    rope = dict(rope_type='llama3', rope_theta=50000.0, factor=8.0, low_freq_factor=1.0,
+                high_freq_factor=4.0, original_max_position_embeddings=16)
+    hf_cfg = transformers.LlamaConfig(num_key_value_heads=4, rope_parameters=rope, **common)
+    ours = LLMConfig(vocab_size=128, hidden=64, depth=2, heads=4, mlp_dim=96, norm_eps=1e-5,
+                     rope_theta=50000.0,
+                     rope_scaling=dict(type='llama3', factor=8.0, low_freq_factor=1.0,
+                                       high_freq_factor=4.0, original_max_position=16))
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+  hf.eval()
+  with torch.no_grad():   # non-trivial norm weights
+    for name, prm in hf.named_parameters():
+      if 'norm' in name:
+        prm.normal_(1.0, 0.2)
+  params = _decoder_params_from_torch(hf, ours)
+  ids = np.random.RandomState(0).randint(0, 128, (2, 40))
+  mask = np.ones_like(ids)
+  mask[1, 30:] = 0
+  with torch.no_grad():
+    ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  out = np.asarray(Decoder(ours).apply({'params': params}, jnp.asarray(ids), jnp.asarray(mask)))
+  real = mask.astype(bool)
+  err = np.abs(out - ref)[real].max()
+  assert err <= 1e-4 * np.abs(ref[real]).max(), err
+
+
+def test_vit_feature_layer_skips_later_layers_and_selects_tokens():
+  cfg3 = VisionConfig(kind='clip', image_size=16, patch_size=8, width=16, depth=3, heads=2,
+                      mlp_dim=32, feature_layer=-2, feature_select='full')
+  enc3 = VisionEncoder(cfg3)
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  p3 = unbox(enc3.init(jax.random.key(0), x))['params']
+  out3 = enc3.apply({'params': p3}, x)
+  assert out3.shape == (2, 5, 16)   # CLS + 4 patches
+  # the same weights truncated to 2 layers, reading the last layer, give the same features
+  cfg2 = VisionConfig(**{**cfg3.__dict__, 'depth': 2, 'feature_layer': -1})
+  p2 = dict(p3, layers=jax.tree.map(lambda a: a[:2], p3['layers']))
+  np.testing.assert_allclose(out3, VisionEncoder(cfg2).apply({'params': p2}, x), atol=1e-6)
+  # and differ from the last layer's output
+  cfg_last = VisionConfig(**{**cfg3.__dict__, 'feature_layer': -1})
+  assert not np.allclose(out3, VisionEncoder(cfg_last).apply({'params': p3}, x), atol=1e-3)
+  cfg_patch = VisionConfig(**{**cfg3.__dict__, 'feature_select': 'patch'})
+  np.testing.assert_allclose(VisionEncoder(cfg_patch).apply({'params': p3}, x), out3[:, 1:], atol=1e-6)
+
+
+def test_siglip_variant_has_no_class_token_and_conv_bias():
+  cfg = VisionConfig(kind='siglip', image_size=16, patch_size=8, width=16, depth=2, heads=2,
+                     mlp_dim=32, feature_layer=-1, feature_select='full', norm_eps=1e-6)
+  enc = VisionEncoder(cfg)
+  x = jnp.ones((1, 16, 16, 3))
+  p = unbox(enc.init(jax.random.key(0), x))['params']
+  assert 'class_embedding' not in p and 'pre_norm' not in p
+  assert p['patch_embed']['bias'].shape == (16,)
+  assert p['position_embedding'].shape == (4, 16)
+  assert enc.apply({'params': p}, x).shape == (1, 4, 16)
+
+
+def test_merge_image_features_per_sample_and_flat():
+  e = 2
+  text = jnp.zeros((3, 6, e))
+  ids = jnp.array([[IMG, IMG, 5, IMG, IMG, 6],     # two images of 2 tokens
+                   [5, 6, 7, 8, 9, 10],           # no image
+                   [5, IMG, IMG, 6, 0, 0]])       # one image
+  feats = jnp.arange(3 * 2 * 2 * e, dtype=jnp.float32).reshape(3, 2, 2, e) + 1
+  out = merge_image_features(text, feats, ids, IMG)
+  np.testing.assert_array_equal(out[0, [0, 1, 3, 4]], feats[0].reshape(4, e))
+  np.testing.assert_array_equal(out[1], 0)
+  np.testing.assert_array_equal(out[2, [1, 2]], feats[2, 0])
+  np.testing.assert_array_equal(out[2, [0, 3, 4, 5]], 0)
+  # flat list (transformers' convention): images consumed in row-major order
+  flat = jnp.concatenate([feats[0], feats[2, :1]])   # [3 images, 2 tokens, e]
+  np.testing.assert_array_equal(merge_image_features(text, flat, ids, IMG), out)
+
+
+def test_mllm_mixed_batch_is_per_sample_and_order_aware():
+  model, params = tiny_mllm()
+  fwd = jitted(model)
+  rng = np.random.RandomState(0)
+  imgs = jnp.asarray(rng.randn(3, 2, 16, 16, 3).astype(np.float32))
+  ids = jnp.array([[1] + [IMG] * 8 + [7, 8, 9],          # two images x 4 tokens
+                   [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],   # text only
+                   [1] + [IMG] * 4 + [7, 8, 9, 10, 11, 12, 13]])  # one image
+  out = fwd(params, ids, imgs)
+  for b in range(3):   # each sample alone gives the same logits
+    alone = fwd(params, ids[b:b + 1], imgs[b:b + 1])
+    np.testing.assert_allclose(out[b], alone[0], atol=1e-5)
+  # the text-only sample ignores whatever sits in its image slots
+  out2 = fwd(params, ids, imgs.at[1].set(5.0))
+  np.testing.assert_allclose(out[1], out2[1], atol=1e-6)
+  # swapping the two images of sample 0 changes its output after the images
+  swapped = fwd(params, ids, imgs.at[0].set(imgs[0, ::-1]))
+  assert not np.allclose(out[0, 5:], swapped[0, 5:], atol=1e-4)
+  # flat [N, H, W, 3] and channels-first inputs give the same result
+  flat = jnp.stack([imgs[0, 0], imgs[0, 1], imgs[2, 0]])
+  np.testing.assert_allclose(fwd(params, ids, flat), out, atol=1e-5)
+  np.testing.assert_allclose(fwd(params, ids, jnp.moveaxis(flat, -1, 1)),
+                             out, atol=1e-5)
+
+
+def test_config_rejects_unknown_keys():
+  with pytest.raises(ValueError, match='hiden'):
+    MLLMConfig.from_dict(dict(llm=dict(hiden=3)))
+  with pytest.raises(ValueError, match='feature_layer'):
+    VisionConfig(depth=2, feature_layer=-4).layers_used
