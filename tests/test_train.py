@@ -190,3 +190,30 @@ def test_checkpoint_round_trip_keeps_values_and_shardings(tmp_path):
   (tmp_path / 'ckpt' / '9.orbax-checkpoint-tmp-123').mkdir()
   ck.close()
   assert Checkpointer(str(tmp_path / 'ckpt')).latest().global_step == 7
+
+
+def test_every_parameter_has_logical_axis_names():
+  import flax.linen as nn
+  factory = steps.StateFactory(MLLM(CFG), mesh1(), shd.logical_rules('fsdp_tp'))
+  leaves = jax.tree_util.tree_leaves_with_path(
+      factory.boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert len(leaves) > 30
+  for path, leaf in leaves:
+    assert isinstance(leaf, nn.LogicallyPartitioned), jax.tree_util.keystr(path)
+    assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize('policy', ['full', 'dots_no_batch'])
+def test_remat_policies_do_not_change_gradients(policy):
+  import dataclasses
+  batch = make_batch()
+  ref = grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0)), batch)
+  model = MLLM(dataclasses.replace(CFG, remat_policy=policy, vision_remat_policy=policy))
+  factory = steps.StateFactory(model, mesh1(), shd.logical_rules('fsdp_tp'))
+  params = factory.init_params(jax.random.key(0))
+  tx = optax.sgd(1.0)
+  mask = factory.mask('.*', 'trainable')
+  out = grads_of_step(factory, factory.create_state(params, tx, mask),
+                      steps.make_train_step(model, tx, mask), tx, mask, batch)
+  np.testing.assert_allclose(ref[0]['loss'], out[0]['loss'], rtol=1e-6)
+  assert_grads_close(ref[1], out[1])
