@@ -42,14 +42,16 @@ def base_config() -> CD:
                rope_scaling=dict(type='default', factor=1.0, low_freq_factor=1.0,
                                  high_freq_factor=4.0, original_max_position=8192),
                max_position=4096, qkv_bias=False, tie_embeddings=False, act='silu',
-               moe=dict(num_experts=0, experts_per_token=2, every=1, mlp_dim=0)),
+               moe=dict(num_experts=0, experts_per_token=2, every=1, mlp_dim=0),
+               hf_path=''),             # HF Llama/Mistral/Qwen2 dir to start the LLM from
       vision=dict(kind='clip', image_size=336, patch_size=14, width=1024, depth=24, heads=16,
                   mlp_dim=4096, norm_eps=1e-5, act='', feature_layer=-2,
                   feature_select='patch', hf_path=''),
       connector=dict(kind='mlp', depth=2, act='gelu', bias=True),
       image_token_id=-1,                # -1: the tokenizer's '<image>' token
       dtype='float32', param_dtype='float32', attention='einsum',
-      remat_policy='none', vision_remat_policy='none'))
+      remat_policy='none', vision_remat_policy='none',
+      init_from=''))                    # every param from a convert / training / HF checkpoint
   c.data = CD(dict(
       source='synthetic',     # built-in scenes task; real formats come with the data pipeline
       tokenizer='',           # HF tokenizer dir; '' builds the demo tokenizer in WORKDIR/tokenizer

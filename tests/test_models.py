@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+from mllm_jax.hf import params_from_state_dict
 from mllm_jax.models import MLLM, Decoder, LLMConfig, MLLMConfig, VisionConfig, layers as L
 from mllm_jax.models import merge_image_features
 from mllm_jax.models.vit import VisionEncoder
@@ -131,32 +132,6 @@ def test_rope_scaling_matches_transformers(scaling):
   np.testing.assert_allclose(ours, inv_hf.numpy(), rtol=1e-6)
 
 
-def _decoder_params_from_torch(hf, cfg: LLMConfig):
-  """Map a transformers Llama/Qwen2 state dict onto our scanned parameter tree."""
-  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  n, e, h, kv, d = cfg.depth, cfg.hidden, cfg.heads, cfg.num_kv_heads, cfg.dim_per_head
-  stack = lambda fmt, f: np.stack([f(sd[fmt.format(i)]) for i in range(n)])
-  attn = {
-      'q_proj': {'kernel': stack('model.layers.{}.self_attn.q_proj.weight', lambda w: w.T.reshape(e, h, d))},
-      'k_proj': {'kernel': stack('model.layers.{}.self_attn.k_proj.weight', lambda w: w.T.reshape(e, kv, d))},
-      'v_proj': {'kernel': stack('model.layers.{}.self_attn.v_proj.weight', lambda w: w.T.reshape(e, kv, d))},
-      'o_proj': {'kernel': stack('model.layers.{}.self_attn.o_proj.weight', lambda w: w.T.reshape(h, d, e))}}
-  if cfg.qkv_bias:
-    for name, heads in (('q_proj', h), ('k_proj', kv), ('v_proj', kv)):
-      attn[name]['bias'] = stack('model.layers.{}.self_attn.%s.bias' % name, lambda b: b.reshape(heads, d))
-  p = {'embed_tokens': {'embedding': sd['model.embed_tokens.weight']},
-       'layers': {
-           'attn': attn,
-           'mlp': {m: {'kernel': stack('model.layers.{}.mlp.%s.weight' % m, lambda w: w.T)}
-                   for m in ('gate_proj', 'up_proj', 'down_proj')},
-           'input_norm': {'scale': stack('model.layers.{}.input_layernorm.weight', lambda w: w)},
-           'post_attn_norm': {'scale': stack('model.layers.{}.post_attention_layernorm.weight', lambda w: w)}},
-       'norm': {'scale': sd['model.norm.weight']}}
-  if not cfg.tie_embeddings:
-    p['lm_head'] = {'kernel': sd['lm_head.weight'].T}
-  return jax.tree.map(jnp.asarray, p)
-
-
 @pytest.mark.parametrize('family', ['llama_gqa', 'qwen2_bias_tied', 'llama3_rope'])
 def test_decoder_logits_match_transformers(family):
   torch.manual_seed(0)
@@ -190,7 +165,7 @@ def test_decoder_logits_match_transformers(family):
     for name, prm in hf.named_parameters():
       if 'norm' in name:
         prm.normal_(1.0, 0.2)
-  params = _decoder_params_from_torch(hf, ours)
+  params = params_from_state_dict(Decoder(ours), hf.state_dict())
   ids = np.random.RandomState(0).randint(0, 128, (2, 40))
   mask = np.ones_like(ids)
   mask[1, 30:] = 0

@@ -59,6 +59,7 @@ class LLMConfig:
   tie_embeddings: bool = False
   act: str = 'silu'
   moe: MoEConfig = MoEConfig()
+  hf_path: str = ''               # HF checkpoint dir to start from (mllm_jax.hf.pretrained)
 
   def __post_init__(self):   # accept plain dicts for the nested configs
     if isinstance(self.rope_scaling, dict):
@@ -88,9 +89,30 @@ class VisionConfig:
   mlp_dim: int = 4096
   norm_eps: float = 1e-5
   act: str = ''                   # '' -> quick_gelu (clip) / gelu_tanh (siglip)
-  feature_layer: int = -2         # index into hidden states [embeddings, layer_1, ..., layer_L]
+  # Index into hidden states [embeddings, layer_1, ..., layer_L]; a tuple of indices
+  # concatenates those hidden states on the feature axis (HF `vision_feature_layer` list).
+  feature_layer: int | tuple[int, ...] = -2
   feature_select: str = 'patch'   # 'patch' drops the class token (LLaVA 'default'); 'full' keeps all
-  hf_path: str = ''
+  hf_path: str = ''               # HF checkpoint dir to start from (mllm_jax.hf.pretrained)
+
+  def __post_init__(self):   # a list from a ConfigDict / JSON -> hashable tuple
+    if isinstance(self.feature_layer, list):
+      object.__setattr__(self, 'feature_layer', tuple(self.feature_layer))
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    """`feature_layer` as non-negative hidden-state indices."""
+    layers = self.feature_layer if isinstance(self.feature_layer, tuple) else (self.feature_layer,)
+    out = []
+    for f in layers:
+      n = f if f >= 0 else self.depth + 1 + f
+      if not 0 <= n <= self.depth:
+        raise ValueError(f'config.model.vision.feature_layer={self.feature_layer} is outside '
+                         f'[-{self.depth + 1}, {self.depth}] for a {self.depth}-layer tower')
+      out.append(n)
+    if not out:
+      raise ValueError('config.model.vision.feature_layer is an empty list')
+    return tuple(out)
 
   @property
   def num_patches(self):
@@ -112,11 +134,7 @@ class VisionConfig:
   @property
   def layers_used(self):
     """Number of encoder layers whose output is needed for `feature_layer`."""
-    n = self.feature_layer if self.feature_layer >= 0 else self.depth + 1 + self.feature_layer
-    if not 0 <= n <= self.depth:
-      raise ValueError(f'config.model.vision.feature_layer={self.feature_layer} is outside '
-                       f'[-{self.depth + 1}, {self.depth}] for a {self.depth}-layer tower')
-    return n
+    return max(self.feature_layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +156,16 @@ class MLLMConfig:
   attention: str = 'einsum'       # 'einsum' | 'xla'
   remat_policy: str = 'none'      # see mllm_jax.models.llm.REMAT_POLICIES
   vision_remat_policy: str = 'none'
+  # LLaVA-NeXT AnyRes: candidate (height, width) resolutions; () = one tile per image (LLaVA).
+  # Tiles are packed with unpadding and a learned `image_newline` after every feature row.
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+  init_from: str = ''             # all params from a convert / training / HF checkpoint dir
+
+  def __post_init__(self):
+    if not isinstance(self.image_grid_pinpoints, tuple) or any(
+        not isinstance(p, tuple) for p in self.image_grid_pinpoints):
+      object.__setattr__(self, 'image_grid_pinpoints',
+                         tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints))
 
   @property
   def compute_dtype(self):

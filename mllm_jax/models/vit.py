@@ -6,7 +6,8 @@
 
 The features handed to the connector are hidden state `feature_layer` (0 = embeddings, L = last
 layer), before `post_norm`, as LLaVA reads `hidden_states[vision_feature_layer]`; layers past it
-are skipped at run time. `post_norm` is kept for checkpoint round trips and `pooled`.
+are skipped at run time. A tuple of layers concatenates those hidden states on the feature axis
+(HF `vision_feature_layer` as a list). `post_norm` is kept for checkpoint round trips and `pooled`.
 """
 from __future__ import annotations
 
@@ -18,8 +19,16 @@ from mllm_jax.models.config import VisionConfig
 from mllm_jax.models.llm import remat
 
 
+def to_channels_last(pixel_values):
+  """Accept [..., H, W, 3] (ours) or [..., 3, H, W] (transformers' processors)."""
+  if pixel_values.shape[-1] != 3 and pixel_values.shape[-3] == 3:
+    return jnp.moveaxis(pixel_values, -3, -1)
+  return pixel_values
+
+
 class EncoderBlock(nn.Module):
-  """Pre-LN ViT block with biased q/k/v/o and a 2-layer MLP. Scanned: (x, i) -> (x, i+1)."""
+  """Pre-LN ViT block with biased q/k/v/o and a 2-layer MLP. Scanned: (x, i) -> (x, i+1);
+  emits each layer's output only when several feature layers are read."""
   cfg: VisionConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -47,11 +56,12 @@ class EncoderBlock(nn.Module):
       x = self.layer(x)
     else:   # skip the layers past `feature_layer` (e.g. the last one for LLaVA's -2)
       x = nn.cond(i < layers_used, lambda m, x: m.layer(x), lambda m, x: x, self, x)
-    return (x, i + 1), None
+    return (x, i + 1), (x if len(self.cfg.feature_layers) > 1 else None)
 
 
 class VisionEncoder(nn.Module):
-  """pixel_values [N, H, W, 3] (normalised, channels-last) -> features [N, num_tokens, width]."""
+  """pixel_values [N, H, W, 3] (normalised; channels-first [N, 3, H, W] is accepted too) ->
+  features [N, num_tokens, width * len(feature_layers)]."""
   cfg: VisionConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -87,7 +97,7 @@ class VisionEncoder(nn.Module):
 
   def embeddings(self, pixel_values):
     c = self.cfg
-    x = self.patch_embed(pixel_values.astype(self.dtype))   # [N, h, w, D]
+    x = self.patch_embed(to_channels_last(pixel_values).astype(self.dtype))   # [N, h, w, D]
     x = x.reshape(x.shape[0], -1, c.width)
     if c.has_cls:
       cls = jnp.broadcast_to(jnp.asarray(self.class_embedding, self.dtype), (x.shape[0], 1, c.width))
@@ -100,9 +110,13 @@ class VisionEncoder(nn.Module):
   def __call__(self, pixel_values):
     c = self.cfg
     x = self.embeddings(pixel_values)
-    (x, _), _ = self.layers((x, jnp.int32(0)), c.layers_used)
+    (last, _), hidden = self.layers((x, jnp.int32(0)), c.layers_used)
     if self.is_initializing():
-      self.post_norm(x)   # create its params
+      self.post_norm(last)   # create its params
+    if len(c.feature_layers) > 1:   # hidden [L, N, T, D]: outputs of layers 1..L
+      x = jnp.concatenate([x if n == 0 else hidden[n - 1] for n in c.feature_layers], axis=-1)
+    else:
+      x = last
     if c.has_cls and c.feature_select == 'patch':
       x = x[:, 1:]
     return x

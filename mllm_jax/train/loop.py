@@ -181,8 +181,9 @@ def run(config, workdir: str) -> dict:
   pos = ckpt.latest()
   writer = MetricsWriter(workdir, resume_step=pos.global_step if pos else None)
   state, params, first = None, None, 0
-  if pos is None:
-    params = factory.init_params(jax.random.key(config.seed))
+  if pos is None:   # random init, then any pretrained weights config.model names
+    from mllm_jax.hf import pretrained
+    params = pretrained.init_params(factory, jax.random.key(config.seed))
   else:
     if pos.stage_index >= len(names) or names[pos.stage_index] != pos.stage:
       raise ValueError(f'{ckpt.directory} holds a checkpoint of stage {pos.stage!r} (index '

@@ -1,0 +1,92 @@
+"""Convert between Hugging Face checkpoint directories and mllm_jax parameter checkpoints.
+
+    python -m mllm_jax.convert --from-hf HF_DIR --out CKPT [--dtype bfloat16]
+    python -m mllm_jax.convert --to-hf CKPT --out HF_DIR
+
+--from-hf writes CKPT/params (orbax) and CKPT/mllm_jax_model.json; a training run starts from it
+with `--config.model.init_from=CKPT`. --to-hf reads such a checkpoint, or a training workdir
+(its latest checkpoint; the model comes from the run's saved config) and writes config.json +
+safetensors that transformers loads. For a training run it also writes the run's tokenizer and,
+for LLaVA models, a processor (image normalisation of `config.data.image_norm`), so
+`AutoProcessor` / `AutoTokenizer.from_pretrained(HF_DIR)` work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def parse_args(argv):
+  p = argparse.ArgumentParser(prog='python -m mllm_jax.convert', description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument('--from-hf', metavar='HF_DIR', help='Hugging Face directory to import')
+  src.add_argument('--to-hf', metavar='CKPT',
+                   help='params checkpoint or training workdir to export')
+  p.add_argument('--out', required=True, help='output directory')
+  p.add_argument('--dtype', default=None,
+                 help='parameter dtype (default: float32 on import, unchanged on export)')
+  p.add_argument('--max-shard-size', type=int, default=5 * 2 ** 30,
+                 help='bytes per safetensors shard on export (default 5 GiB)')
+  return p.parse_args(argv)
+
+
+def from_hf(src: str, out: str, dtype: str | None):
+  import jax.numpy as jnp
+  from mllm_jax.hf import api, pretrained
+  model, params = api.load_hf(src, dtype=jnp.dtype(dtype or 'float32'))
+  pretrained.save_params(out, model, params)
+  print(f'Wrote {out} ({type(model).__name__}); train from it with '
+        f'--config.model.init_from={os.path.abspath(out)}')
+
+
+def to_hf(src: str, out: str, dtype: str | None, max_shard_size: int):
+  import flax
+  import jax.numpy as jnp
+  from mllm_jax.hf import api, pretrained
+  cfg, tok_dir = pretrained.saved_model_config(src)
+  model = api.build_model(cfg, jnp.dtype(dtype or getattr(cfg, 'param_dtype', 'float32')))
+  abstract = flax.traverse_util.unflatten_dict(api.param_targets(model), sep='/')
+  params = pretrained.restore_params(src, abstract)
+  api.save_hf(model, params, out, max_shard_size)
+  if tok_dir is not None:
+    save_tokenizer_and_processor(src, tok_dir, cfg, out)
+  print(f'Wrote {out} ({api.hf_config_for(model)[0]})')
+
+
+def save_tokenizer_and_processor(src, tok_dir, cfg, out):
+  """The run's tokenizer, and for LLaVA a processor with the run's image normalisation."""
+  import transformers
+  from mllm_jax.data import images
+  from mllm_jax.hf.pretrained import _train_step_dir
+  tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  tok.save_pretrained(out)
+  v = getattr(cfg, 'vision', None)
+  if v is None or cfg.image_grid_pinpoints:
+    return
+  with open(os.path.join(_train_step_dir(src), 'meta', 'metadata')) as f:
+    norm = json.load(f)['config']['data']['image_norm']
+  mean, std = images.NORMALIZATION[norm]
+  ip = transformers.CLIPImageProcessorPil(
+      size={'shortest_edge': v.image_size}, crop_size={'height': v.image_size,
+                                                      'width': v.image_size},
+      image_mean=list(mean), image_std=list(std))
+  proc = transformers.LlavaProcessor(
+      image_processor=ip, tokenizer=tok, patch_size=v.patch_size,
+      vision_feature_select_strategy='default' if v.feature_select == 'patch' else 'full',
+      num_additional_image_tokens=1 if v.has_cls else 0, chat_template=tok.chat_template)
+  proc.save_pretrained(out)
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  if args.from_hf:
+    from_hf(args.from_hf, args.out, args.dtype)
+  else:
+    to_hf(args.to_hf, args.out, args.dtype, args.max_shard_size)
+
+
+if __name__ == '__main__':
+  main()
