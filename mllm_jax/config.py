@@ -41,7 +41,8 @@ def base_config() -> CD:
                norm_eps=1e-5, rope_theta=10000.0,
                rope_scaling=dict(type='default', factor=1.0, low_freq_factor=1.0,
                                  high_freq_factor=4.0, original_max_position=8192),
-               max_position=4096, qkv_bias=False, tie_embeddings=False, act='silu',
+               max_position=4096, qkv_bias=False, sliding_window=0, tie_embeddings=False,
+               act='silu',
                moe=dict(num_experts=0, experts_per_token=2, every=1, mlp_dim=0),
                hf_path=''),             # HF Llama/Mistral/Qwen2 dir to start the LLM from
       vision=dict(kind='clip', image_size=336, patch_size=14, width=1024, depth=24, heads=16,

@@ -92,6 +92,8 @@ DECODERS = {
         num_key_value_heads=1, tie_word_embeddings=True, **TEXT)),
     'mistral_gqa': (transformers.MistralForCausalLM, transformers.MistralConfig(
         num_key_value_heads=1, head_dim=8, **TEXT)),   # head_dim != hidden / heads
+    'mistral_sliding_window': (transformers.MistralForCausalLM, transformers.MistralConfig(
+        num_key_value_heads=2, sliding_window=8, **TEXT)),   # window < the 40 test tokens
     'llama_rope_linear': (transformers.LlamaForCausalLM, transformers.LlamaConfig(
         rope_parameters=dict(rope_type='linear', rope_theta=5e4, factor=4.0), **TEXT)),
     'llama3_rope': (transformers.LlamaForCausalLM, transformers.LlamaConfig(

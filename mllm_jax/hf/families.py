@@ -64,9 +64,8 @@ def llm_from_hf(c, where: str = 'config.json', tie: bool | None = None) -> LLMCo
   window = getattr(c, 'sliding_window', None)
   if c.model_type == 'qwen2' and getattr(c, 'use_sliding_window', False):
     raise ValueError(f'{where}: use_sliding_window=true is not supported')
-  if window is not None and window < c.max_position_embeddings:
-    log.warning('%s: sliding_window=%d is not implemented: logits match transformers only for '
-                'sequences of at most %d tokens', where, window, window)
+  if c.model_type == 'qwen2' or window is None or window >= c.max_position_embeddings:
+    window = 0   # Qwen2 keeps `sliding_window` in its config but only uses it when enabled
   rope = dict(c.rope_parameters or {})
   kind = rope.get('rope_type', 'default')
   if kind not in ROPE_TYPES:
@@ -89,6 +88,7 @@ def llm_from_hf(c, where: str = 'config.json', tie: bool | None = None) -> LLMCo
       rope_theta=float(rope.get('rope_theta', 10000.0)), rope_scaling=scaling,
       max_position=c.max_position_embeddings, qkv_bias=c.model_type == 'qwen2',
       tie_embeddings=bool(c.tie_word_embeddings if tie is None else tie),
+      sliding_window=int(window),
       act=_act(c.hidden_act, f'{where}: hidden_act'))
 
 
@@ -112,7 +112,12 @@ def llm_to_hf(cfg: LLMConfig, dtype: str = 'float32'):
     if cfg.dim_per_head != cfg.hidden // cfg.heads:
       raise ValueError(f'Qwen2 export needs head_dim == hidden // heads '
                        f'({cfg.hidden // cfg.heads}), got {cfg.dim_per_head}')
+    if cfg.sliding_window:
+      raise ValueError('export of q/k/v biases with a sliding window is not supported')
     return transformers.Qwen2Config(**kw)
+  if cfg.sliding_window:
+    return transformers.MistralConfig(head_dim=cfg.dim_per_head,
+                                      sliding_window=cfg.sliding_window, **kw)
   return transformers.LlamaConfig(head_dim=cfg.dim_per_head, **kw)
 
 

@@ -56,6 +56,7 @@ class LLMConfig:
   rope_scaling: RopeScaling = RopeScaling()
   max_position: int = 4096
   qkv_bias: bool = False          # Qwen2
+  sliding_window: int = 0         # Mistral: attend to the last `sliding_window` tokens (0 = all)
   tie_embeddings: bool = False
   act: str = 'silu'
   moe: MoEConfig = MoEConfig()

@@ -165,12 +165,17 @@ def apply_rope(x, cos, sin):
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
-def make_attention_mask(attention_mask, causal: bool, segment_ids=None):
-  """Boolean mask [B, 1, T, T] (True = attend) from a padding mask [B, T] (1 = real token)."""
+def make_attention_mask(attention_mask, causal: bool, segment_ids=None, sliding_window: int = 0):
+  """Boolean mask [B, 1, T, T] (True = attend) from a padding mask [B, T] (1 = real token).
+
+  `sliding_window` > 0 (Mistral) keeps only keys with query_index - key_index < window.
+  """
   b, t = attention_mask.shape
   keep = attention_mask.astype(bool)[:, None, None, :]
   if causal:
     keep = keep & jnp.tril(jnp.ones((t, t), bool))[None, None]
+  if sliding_window:
+    keep = keep & ~jnp.tril(jnp.ones((t, t), bool), -sliding_window)[None, None]
   if segment_ids is not None:
     keep = keep & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
   return keep

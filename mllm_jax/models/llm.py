@@ -133,7 +133,8 @@ class Decoder(nn.Module):
       attention_mask = jnp.ones((b, t), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = L.make_attention_mask(attention_mask, causal=True, segment_ids=segment_ids)
+    mask = L.make_attention_mask(attention_mask, causal=True, segment_ids=segment_ids,
+                                 sliding_window=self.cfg.sliding_window)
     inv_freq = L.rope_inv_freq(self.cfg.dim_per_head, self.cfg.rope_theta,
                                self.cfg.rope_scaling.as_dict())
     cos, sin = L.rope_cos_sin(positions, inv_freq)
