@@ -112,20 +112,73 @@ def step_flops(batch=BATCH, seq=SEQ, causal_half=False) -> Flops:
 # ------------------------------------------------------------------------------------------------
 # Timing / environment
 # ------------------------------------------------------------------------------------------------
-def time_steps(fn, warmup: int, steps: int):
-  """Calls fn() warmup + steps times (fn must block); returns the list of timed durations."""
-  for _ in range(warmup):
-    fn()
-  out = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return out
+def _proc_stat_total():
+  """(all jiffies, idle jiffies) summed over CPUs, from /proc/stat."""
+  with open('/proc/stat') as f:
+    v = [int(x) for x in f.readline().split()[1:]]
+  return sum(v[:8]), v[3] + v[4]
 
 
-def summarize(times):
-  return dict(median=statistics.median(times), min=min(times), mean=statistics.fmean(times))
+def _self_stat():
+  """(utime + stime jiffies, minor page faults) of this process."""
+  with open('/proc/self/stat') as f:
+    fields = f.read().rsplit(')', 1)[1].split()
+  return int(fields[11]) + int(fields[12]), int(fields[7])
+
+
+class Timed:
+  """Times a block and measures, from /proc, the share of all CPUs that *other* processes used
+  meanwhile (`others`, 0..1) and this process's minor page faults. On a shared machine a step
+  with others > CONTENDED is not a clean measurement.  Linux only; elsewhere others = 0."""
+  CONTENDED = 0.05
+
+  def __enter__(self):
+    try:
+      self._sys, self._me = _proc_stat_total(), _self_stat()
+    except OSError:
+      self._sys = None
+    self._t0 = time.perf_counter()
+    return self
+
+  def __exit__(self, *exc):
+    self.seconds = time.perf_counter() - self._t0
+    self.others, self.minflt = 0.0, 0
+    if self._sys is not None:
+      (tot, idle), (cpu, flt) = _proc_stat_total(), _self_stat()
+      dt = max(tot - self._sys[0], 1)
+      busy = dt - (idle - self._sys[1])
+      mine = cpu - self._me[0]
+      self.others = max(0.0, (busy - mine) / dt)
+      self.minflt = flt - self._me[1]
+    return False
+
+
+@dataclasses.dataclass
+class StepStats:
+  seconds: list = dataclasses.field(default_factory=list)
+  others: list = dataclasses.field(default_factory=list)
+  minflt: list = dataclasses.field(default_factory=list)
+
+  def add(self, t: Timed):
+    self.seconds.append(t.seconds)
+    self.others.append(t.others)
+    self.minflt.append(t.minflt)
+
+  @property
+  def clean(self):
+    return [s for s, o in zip(self.seconds, self.others) if o <= Timed.CONTENDED]
+
+  def step_time(self):
+    """Median of the clean steps (all steps if none is clean)."""
+    return statistics.median(self.clean or self.seconds)
+
+  def describe(self):
+    c = self.clean
+    return (f'median {self.step_time() * 1e3:.0f} ms over {len(c) or len(self.seconds)} '
+            f'{"clean" if c else "CONTENDED"} of {len(self.seconds)} steps (min '
+            f'{min(self.seconds) * 1e3:.0f}, max {max(self.seconds) * 1e3:.0f}; other processes '
+            f'used up to {max(self.others):.0%} of the CPUs; '
+            f'{statistics.median(self.minflt) / 1e3:.0f}k page faults/step)')
 
 
 def cpu_model_name():
