@@ -2,8 +2,9 @@
 
 Recipe (haotian-liu/LLaVA, scripts/v1_5/pretrain.sh): LCS-558K captions, 1 epoch, global batch
 256, lr 1e-3, cosine with 3% warmup, no weight decay, max length 2048, `plain` template.
-Weights come from Hugging Face checkpoints (`model.vision.hf_path`, and the LLM) once the HF
-import lands; the LLaVA-JSON data source comes with the data pipeline.
+Set `--config.model.vision.hf_path=DIR` (CLIP ViT-L/14-336) and `--config.model.llm.hf_path=DIR`
+(Vicuna-7B) to start from Hugging Face weights; the LLaVA-JSON data source comes with the data
+pipeline.
 """
 from mllm_jax.config import base_config, finalize, stage_config
 
