@@ -4,18 +4,13 @@ Recipe (haotian-liu/LLaVA, scripts/v1_5/finetune.sh): llava_v1_5_mix665k, 1 epoc
 batch 128, lr 2e-5, cosine with 3% warmup, no weight decay, max length 2048, `v1` template.
 Starts from the stage-1 checkpoint (same parameter layout).
 """
-import importlib.util
 import os
 
-from mllm_jax.config import finalize, stage_config
+from mllm_jax.config import finalize, load_config, stage_config
 
 
 def get_config():
-  spec = importlib.util.spec_from_file_location(
-      'llava_pretrain', os.path.join(os.path.dirname(__file__), 'llava_v15_7b_pretrain.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
+  c = load_config(os.path.join(os.path.dirname(__file__), 'llava_v15_7b_pretrain.py'))
   c.unlock()
   c.train.stages = 'sft'
   c.sft = stage_config(task='vqa', trainable='(connector|llm)/.*', steps=5197,   # 665K / 128

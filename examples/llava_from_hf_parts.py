@@ -79,21 +79,6 @@ def train_overrides(clip_dir, llama_dir, size):
   return over
 
 
-def load_config(overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('demo_config', DEMO_CONFIG)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    *path, last = key.split('.')
-    node = c
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
-
-
 def show(cmd):
   print('\n$ ' + ' '.join(shlex.quote(str(c)) for c in cmd), flush=True)
 
@@ -147,6 +132,7 @@ def main(argv=None):
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   from mllm_jax import convert
+  from mllm_jax.config import load_config
   from mllm_jax.train import loop
 
   clip_dir, llama_dir = build_parts(out, size)
@@ -156,7 +142,7 @@ def main(argv=None):
   overrides = train_overrides(clip_dir, llama_dir, size)
   show([sys.executable, '-m', 'mllm_jax.train', '--config', DEMO_CONFIG, '--workdir', workdir] +
        [f'--config.{k}={v}' for k, v in overrides.items()])
-  results = loop.run(load_config(overrides), workdir)
+  results = loop.run(load_config(DEMO_CONFIG, overrides), workdir)
 
   export_dir = os.path.join(out, 'llava_hf')
   show([sys.executable, '-m', 'mllm_jax.convert', '--to-hf', workdir, '--out', export_dir])

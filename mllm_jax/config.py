@@ -70,3 +70,21 @@ def base_config() -> CD:
 def finalize(c: CD) -> CD:
   c.lock()
   return c
+
+
+def load_config(path: str, overrides: dict | None = None) -> CD:
+  """`get_config()` of a config file, with {'a.b': value} overrides applied (as --config.a.b)."""
+  import importlib.util
+  import os
+  name = os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(f'mllm_jax_config_{name}', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for key, value in (overrides or {}).items():
+    *parents, last = key.split('.')
+    node = c
+    for p in parents:
+      node = node[p]
+    node[last] = value
+  return c

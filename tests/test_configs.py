@@ -1,6 +1,5 @@
 """Shipped configs: they load, the full-scale LLaVA model has the paper's size, and its layout
 on an 8-way FSDP mesh really splits the parameters (checked abstractly, nothing allocated)."""
-import importlib.util
 import os
 
 import jax
@@ -8,6 +7,7 @@ import numpy as np
 import pytest
 
 from mllm_jax import sharding as shd
+from mllm_jax.config import load_config
 from mllm_jax.models import MLLM
 from mllm_jax.train import loop, steps
 
@@ -15,10 +15,7 @@ CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, name + '.py'))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod.get_config()
+  return load_config(os.path.join(CONFIGS, name + '.py'))
 
 
 @pytest.mark.parametrize('name', ['demo', 'llava_v15_7b_pretrain', 'llava_v15_7b_sft'])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import transformers
 
-from mllm_jax.data import conversation, images, synthetic, tokenizer as tok_lib
+from mllm_jax.data import images, synthetic, tokenizer as tok_lib
 from mllm_jax.data.conversation import tokenize_caption, tokenize_conversation
 
 NIT = 16   # image tokens per image

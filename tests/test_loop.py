@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from mllm_jax.config import load_config
 from mllm_jax.train import loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -15,18 +16,7 @@ DEMO = os.path.join(ROOT, 'configs', 'demo.py')
 
 
 def load_demo(**overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('demo_config', DEMO)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  c = mod.get_config()
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return c
+  return load_config(DEMO, overrides)
 
 
 def read_metrics(workdir):

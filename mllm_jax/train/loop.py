@@ -4,7 +4,6 @@ checkpoint, mid-stage or at a stage boundary, and sees exactly the batches it wo
 """
 from __future__ import annotations
 
-import logging
 import os
 import queue
 import threading
@@ -13,7 +12,6 @@ from typing import Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 
@@ -24,8 +22,6 @@ from mllm_jax.data import synthetic, tokenizer as tok_lib
 from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.train import optim, steps
 from mllm_jax.train.metrics import MetricsWriter
-
-log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from tensorboardX import SummaryWriter
 
 
@@ -27,8 +26,7 @@ class MetricsWriter:
 
   def write(self, step: int, metrics: dict):
     row = {'step': int(step)}
-    row.update({k: (float(v) if isinstance(v, (float, np.floating, np.ndarray)) or hasattr(v, 'dtype')
-                    else v) for k, v in metrics.items()})
+    row.update({k: v if isinstance(v, str) else float(v) for k, v in metrics.items()})
     self.file.write(json.dumps(row) + '\n')
     self.file.flush()
     for k, v in row.items():

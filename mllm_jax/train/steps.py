@@ -73,23 +73,20 @@ class StateFactory:
     return TrainState(step=NamedSharding(self.mesh, P()), params=self.param_shardings,
                       opt_state=self.opt_state_shardings(tx, mask))
 
+  @staticmethod
+  def _fresh_state(params, tx, mask) -> TrainState:
+    trainable, _ = split_params(params, mask)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
+
   def create_state(self, params, tx, mask) -> TrainState:
     """Fresh optimizer state (sharded like its parameters) for `params`."""
-    shardings = self.state_shardings(tx, mask)
-
-    def make(params):
-      trainable, _ = split_params(params, mask)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=tx.init(trainable))
-    return jax.jit(make, out_shardings=shardings)(params)
+    return jax.jit(lambda p: self._fresh_state(p, tx, mask),
+                   out_shardings=self.state_shardings(tx, mask))(params)
 
   def abstract_state(self, tx, mask) -> TrainState:
+    """ShapeDtypeStructs with target shardings: the restore target for a checkpoint."""
     shardings = self.state_shardings(tx, mask)
-
-    def make(params):
-      trainable, _ = split_params(params, mask)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable))
-    shapes = jax.eval_shape(make, self.abstract_params)
+    shapes = jax.eval_shape(lambda p: self._fresh_state(p, tx, mask), self.abstract_params)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         shapes, shardings)
 
