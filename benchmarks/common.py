@@ -29,9 +29,10 @@ CONNECTOR = dict(kind='mlp', depth=2, act='gelu')
 BATCH, SEQ = 4, 512
 
 
-def model_config_dict(attention='einsum', remat_policy='none'):
+def model_config_dict(attention='einsum', remat_policy='none', attention_blocks=1):
   return dict(llm=dict(LLM), vision=dict(VISION), connector=dict(CONNECTOR),
-              image_token_id=IMAGE_TOKEN_ID, attention=attention, remat_policy=remat_policy)
+              image_token_id=IMAGE_TOKEN_ID, attention=attention, remat_policy=remat_policy,
+              attention_blocks=attention_blocks)
 
 
 def num_image_tokens():
@@ -74,13 +75,15 @@ class Flops:
             self.llm_attention + self.lm_head)
 
 
-def step_flops(batch=BATCH, seq=SEQ, causal_half=False) -> Flops:
+def step_flops(batch=BATCH, seq=SEQ, causal_half=False, needed_only=False) -> Flops:
   """Model FLOPs of one training step: 6 * N_matmul * tokens for every weight matmul (each weight
   counted on the tokens it actually sees) plus attention score/value matmuls, 12 * L * T^2 * d per
   sequence (2 matmuls x 2 FLOP/MAC x 3 for fwd+bwd). Convention: the full T x T score matrix
   is counted for the causal LLM (as PaLM's MFU does; `causal_half=True` halves it). The ViT counts
   the layers LLaVA needs (hidden state -2: 5 of 6) on 197 tokens (196 patches + CLS) per image.
   Embedding lookups, norms, softmax, RoPE, biases and the optimizer are not counted.
+  `needed_only=True` counts only the work the loss needs: causal-half attention and the lm_head
+  at the positions that predict a text token (not at BOS and the image positions).
   """
   v, c, l = VISION, CONNECTOR, LLM
   n_patch = num_image_tokens()
@@ -101,9 +104,10 @@ def step_flops(batch=BATCH, seq=SEQ, causal_half=False) -> Flops:
   tokens = batch * seq
   llm_matmul = 6 * tokens * l['depth'] * llm_layer_params
   llm_attention = 12 * batch * l['depth'] * seq * seq * l['heads'] * hd
-  if causal_half:
+  if causal_half or needed_only:
     llm_attention /= 2
-  lm_head = 6 * tokens * e * l['vocab_size']
+  head_positions = batch * (seq - 1 - n_patch) if needed_only else tokens
+  lm_head = 6 * head_positions * e * l['vocab_size']
   n = (v['depth'] * v_layer_params + patch_params + conn_params +
        l['depth'] * llm_layer_params + e * l['vocab_size'])
   return Flops(vit_matmul, vit_attention, connector, llm_matmul, llm_attention, lm_head, n)

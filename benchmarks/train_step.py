@@ -6,7 +6,8 @@
 Both frameworks train the same architecture (benchmarks/common.py) in fp32 with AdamW (grad clip
 1.0, no weight decay) on the same batch (4 x 512 tokens, 196 image tokens each) with the same loss
 (mean next-token CE over the text tokens), with the same number of threads, in one process. Their
-steps are interleaved (JAX, torch, JAX, torch, ...) so that load from other processes on a shared
+steps alternate in turns (JAX x (1 + 2), torch x (1 + 2), ...; the first step of a turn is cold and
+untimed) so that load from other processes on a shared
 machine hits both alike; every step records how much CPU other processes used meanwhile and only
 clean steps (others <= 5% of the CPUs) enter the medians, unless none is clean.
 MFU = model FLOPs / step time / (best f32 GFLOP/s of a jitted square matmul measured in this run).
@@ -51,6 +52,12 @@ def parse_args(argv=None):
   p.add_argument('--budget', type=float, default=300.0,
                  help='seconds after which no extra steps are added')
   p.add_argument('--matmul-size', type=int, default=4096)
+  p.add_argument('--per-turn', type=int, default=2,
+                 help='timed steps per framework turn (each turn starts with an untimed step)')
+  p.add_argument('--attention-blocks', type=int, default=4,
+                 help='config.model.attention_blocks of the JAX model (causal query blocks)')
+  p.add_argument('--logits-chunk', type=int, default=0,
+                 help='config.train.logits_chunk of the JAX step (0 = full logits)')
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.warmup, args.matmul_size = 3, 1, 2048
@@ -105,7 +112,7 @@ class MatmulPeak:
 class JaxRunner:
   """The mllm_jax train step on the bench model; `step()` runs one step and blocks."""
 
-  def __init__(self, batch_np):
+  def __init__(self, batch_np, attention_blocks=1, logits_chunk=0):
     import flax.linen as nn
     import jax
     import ml_collections
@@ -114,7 +121,7 @@ class JaxRunner:
     from mllm_jax.train import optim, steps as steps_lib
     from benchmarks import common
 
-    cfg = MLLMConfig.from_dict(common.model_config_dict())
+    cfg = MLLMConfig.from_dict(common.model_config_dict(attention_blocks=attention_blocks))
     model = MLLM(cfg)
     mesh = shd.make_mesh(dict(data=-1))
     rules = shd.logical_rules('dp')
@@ -128,7 +135,7 @@ class JaxRunner:
     mask = factory.mask('.*', 'trainable')
     self.state = factory.create_state(params, tx, mask)
     del params
-    step_fn = steps_lib.make_train_step(model, tx, mask)
+    step_fn = steps_lib.make_train_step(model, tx, mask, logits_chunk=logits_chunk)
     batch = {k: v[None] for k, v in batch_np.items()}   # grad-accumulation axis of size 1
     jstep = steps_lib.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh,
                                      {k: v.ndim - 1 for k, v in batch.items()})
@@ -218,6 +225,7 @@ def main(argv=None):
 
   flops = common.step_flops()
   flops_causal = common.step_flops(causal_half=True)
+  flops_needed = common.step_flops(needed_only=True)
   tokens = common.BATCH * common.SEQ
   print(f'machine: {common.cpu_model_name()}, {common.cpu_count()} usable cores; '
         f'jax {jax.__version__} ({jax.devices()[0].platform}), flax {flax.__version__}, '
@@ -228,19 +236,24 @@ def main(argv=None):
         f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'batch {common.BATCH} x {common.SEQ} tokens ({common.num_image_tokens()} image tokens '
         f'per sample), fp32, AdamW; steps per framework: 1 compile/first + {args.warmup} warmup + '
-        f'{args.steps} timed, JAX and torch interleaved')
+        f'{args.steps} timed, JAX and torch alternating in turns of 1 untimed + '
+        f'{args.per_turn} timed')
   print(f'model FLOPs/step (fwd+bwd = 3x fwd): total {flops.total / 1e9:.1f} GFLOP '
         f'[vit matmul {flops.vit_matmul / 1e9:.1f}, vit attn {flops.vit_attention / 1e9:.1f}, '
         f'connector {flops.connector / 1e9:.1f}, llm layers matmul {flops.llm_matmul / 1e9:.1f}, '
         f'llm attn {flops.llm_attention / 1e9:.1f} (full T x T; causal-half: '
         f'{flops_causal.llm_attention / 1e9:.1f}), lm_head {flops.lm_head / 1e9:.1f}]; '
-        f'N_matmul_params {flops.n_matmul_params / 1e6:.2f}M', flush=True)
+        f'N_matmul_params {flops.n_matmul_params / 1e6:.2f}M; only the work the loss needs '
+        f'(causal-half attention, lm_head at the text-predicting positions): '
+        f'{flops_needed.total / 1e9:.1f} GFLOP', flush=True)
+  print(f'jax model: attention einsum, attention_blocks {args.attention_blocks}, '
+        f'logits_chunk {args.logits_chunk}', flush=True)
 
   peak_meter = MatmulPeak(args.matmul_size)
   peak_meter.sample(repeats=5)
 
   batch = common.make_batch()
-  jr = JaxRunner(batch)
+  jr = JaxRunner(batch, args.attention_blocks, args.logits_chunk)
   jr.step()   # first call (allocations, one-off work)
   runners = [('jax', jr)]
   if not args.no_torch:
@@ -254,14 +267,21 @@ def main(argv=None):
   stats = {name: common.StepStats() for name, _ in runners}
   max_steps = max(args.max_steps, args.steps)
   want_clean = (args.steps + 1) // 2
-  for i in range(max_steps):
+  while True:
+    done = min(len(st.seconds) for st in stats.values())
     enough = all(len(st.clean) >= want_clean for st in stats.values())
-    if i >= args.steps and (enough or time.perf_counter() - t_start > args.budget):
+    if done >= max_steps or (done >= args.steps and
+                             (enough or time.perf_counter() - t_start > args.budget)):
       break
     for name, r in runners:
-      with common.Timed() as t:
-        r.step()
-      stats[name].add(t)
+      # Training runs steps back to back: the first step after the other framework ran is a
+      # cold one (its buffers are re-faulted, its thread pool woken; measured ~0.7 s slower
+      # for JAX here), so each turn starts with one untimed step.
+      r.step()
+      for _ in range(args.per_turn):
+        with common.Timed() as t:
+          r.step()
+        stats[name].add(t)
     peak_meter.sample(sizes=[2048], repeats=2)
   peak_meter.sample(repeats=5)
   peak, peak_clean = peak_meter.best()
@@ -276,7 +296,8 @@ def main(argv=None):
   mfu = flops.total / jt / (peak * 1e9)
   print(f'jax: {jr.n_params / 1e6:.2f}M params, compile {jr.compile_s:.1f}s; step {js.describe()}')
   print(f'jax: {jtps:.1f} tokens/s, {flops.total / jt / 1e9:.1f} GFLOP/s, MFU {mfu:.3f} '
-        f'(causal-half convention: {flops_causal.total / jt / (peak * 1e9):.3f}); loss first '
+        f'(causal-half convention: {flops_causal.total / jt / (peak * 1e9):.3f}; needed-work '
+        f'convention: {flops_needed.total / jt / (peak * 1e9):.3f}); loss first '
         f'{jr.losses[0]:.4f} last {jr.losses[-1]:.4f}')
 
   ttps, ratio, best = float('nan'), float('nan'), None

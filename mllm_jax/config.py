@@ -50,7 +50,7 @@ def base_config() -> CD:
                   feature_select='patch', hf_path=''),
       connector=dict(kind='mlp', depth=2, act='gelu', bias=True),
       image_token_id=-1,                # -1: the tokenizer's '<image>' token
-      dtype='float32', param_dtype='float32', attention='einsum',
+      dtype='float32', param_dtype='float32', attention='einsum', attention_blocks=1,
       remat_policy='none', vision_remat_policy='none',
       init_from=''))                    # every param from a convert / training / HF checkpoint
   c.data = CD(dict(
@@ -61,6 +61,9 @@ def base_config() -> CD:
       stages='pretrain,sft', log_every=10, checkpoint_every=500, keep_checkpoints=2,
       eval_examples=256, eval_batch_size=64, progress_bar=True,
       max_steps_per_run=0,    # >0: save and exit after this many steps (time-sliced queues)
+      # lm_head + cross-entropy over [batch, logits_chunk] slices of each row's loss positions
+      # (no [B, T, vocab] logits; positions without loss skipped); 0 = one full projection
+      logits_chunk=128,
   ))
   c.pretrain = stage_config(task='caption', trainable='connector/.*', lr=1e-3)
   c.sft = stage_config(task='vqa', trainable='(connector|llm)/.*', lr=2e-5)

@@ -38,7 +38,7 @@ def make_batch(n=8, t=12, seed=0):
               pixel_values=rng.randn(n, 1, 16, 16, 3).astype(np.float32))
 
 
-def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None):
+def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chunk=0):
   model = MLLM(CFG)
   factory = steps.StateFactory(model, mesh, shd.logical_rules(rules))
   if params is None:
@@ -48,7 +48,7 @@ def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None):
   tx = tx or optim.make_optimizer(OPT, 10)
   mask = factory.mask(pattern, 'trainable')
   state = factory.create_state(params, tx, mask)
-  fn = steps.make_train_step(model, tx, mask)
+  fn = steps.make_train_step(model, tx, mask, logits_chunk=logits_chunk)
   return factory, state, fn, tx, mask
 
 
@@ -73,6 +73,30 @@ def test_next_token_loss_formula():
   out = losses.next_token_loss(logits, ids, jnp.array([[1, 1, 1]]))   # position 0 is never a target
   np.testing.assert_allclose(out['loss_sum'], -np.log(0.25) - np.log(0.1), rtol=1e-6)
   assert float(out['tokens']) == 2
+
+
+@pytest.mark.parametrize('chunk', [1, 3, 16])
+def test_chunked_loss_equals_full_logits_loss_and_grads(chunk):
+  """Loss positions first, [B, chunk] slices, empty slices skipped: same sums and gradients as
+  the full [B, T, V] logits (T-1 = 11 positions: uneven last slice, rows with different counts,
+  a row without any loss)."""
+  rng = np.random.RandomState(0)
+  hidden = jnp.asarray(rng.randn(3, 12, 5), jnp.float32)
+  w = jnp.asarray(rng.randn(5, 7), jnp.float32)
+  ids = jnp.asarray(rng.randint(0, 7, (3, 12)))
+  loss_mask = np.zeros((3, 12), np.float32)
+  loss_mask[0, 6:] = 1
+  loss_mask[1, [2, 3, 9]] = 1                  # row 2 has no loss token at all
+  full = lambda h, w: losses.next_token_loss(h @ w, ids, loss_mask)
+  chunked = lambda h, w: losses.chunked_next_token_loss(h, lambda x: x @ w, ids, loss_mask, chunk)
+  a, b = full(hidden, w), chunked(hidden, w)
+  for key in ('loss_sum', 'tokens', 'correct'):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-6)
+  assert float(a['tokens']) == 9
+  ga = jax.grad(lambda h, w: full(h, w)['loss_sum'], (0, 1))(hidden, w)
+  gb = jax.grad(lambda h, w: chunked(h, w)['loss_sum'], (0, 1))(hidden, w)
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(y, x, atol=1e-6)
 
 
 def test_answer_accuracy_needs_every_token_right():
@@ -130,6 +154,16 @@ def test_grad_accumulation_equals_one_big_batch():
   assert m1['loss_tokens'] == m4['loss_tokens'] == batch['loss_mask'][:, 1:].sum()
   np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-5)
   assert_grads_close(g1, g4)
+
+
+def test_logits_chunk_step_equals_full_logits_step():
+  """config.train.logits_chunk changes where the vocabulary projection runs, not the step."""
+  batch = make_batch()
+  (m0, g0), (m1, g1) = [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_chunk=c), batch)
+                        for c in (0, 4)]
+  for key in ('loss', 'token_accuracy', 'loss_tokens'):
+    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-6)
+  assert_grads_close(g0, g1)
 
 
 def test_optimizer_state_is_sharded_like_its_parameter():

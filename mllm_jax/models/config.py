@@ -155,6 +155,9 @@ class MLLMConfig:
   dtype: str = 'float32'          # compute dtype
   param_dtype: str = 'float32'
   attention: str = 'einsum'       # 'einsum' | 'xla'
+  # einsum only: causal attention in this many query blocks, each skipping the keys after its
+  # last query (~(n+1)/(2n) of the score work; see layers.dot_product_attention)
+  attention_blocks: int = 1
   remat_policy: str = 'none'      # see mllm_jax.models.llm.REMAT_POLICIES
   vision_remat_policy: str = 'none'
   # LLaVA-NeXT AnyRes: candidate (height, width) resolutions; () = one tile per image (LLaVA).

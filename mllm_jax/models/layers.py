@@ -7,6 +7,7 @@ norm statistics always run in fp32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -49,6 +50,21 @@ def ones_init(names):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), tuple(names))
 
 
+def contract_trailing(x, kernel, n_in: int):
+  """x [..., *in] . kernel [*in, *out] -> [..., *out], as one 2-D matmul [N, in] x [in, out].
+
+  Flattening the leading dims first matters on XLA:CPU: a dot with batch-like leading dims
+  ([B, T, E] x [E, F]) lowers to a slower kernel and its weight gradient contracts over two
+  dims through transposed copies; the 2-D form measured ~1.4x faster fwd+bwd for the bench
+  model's MLP (BENCHMARKS.md). On TPU/GPU the reshapes are layout no-ops.
+  """
+  lead, in_shape = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
+  out_shape = kernel.shape[n_in:]
+  y = jnp.dot(x.reshape((-1, math.prod(in_shape))),
+              kernel.reshape((math.prod(in_shape), math.prod(out_shape))))
+  return y.reshape(lead + out_shape)
+
+
 class DenseGeneral(nn.Module):
   """Contract the trailing `in_axes` of x with a kernel [*in_shape, *features].
 
@@ -62,20 +78,23 @@ class DenseGeneral(nn.Module):
   use_bias: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  kernel_init: Callable | None = None   # (key, shape, dtype); default normal(fan_in ** -0.5)
 
   @nn.compact
   def __call__(self, x):
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     in_axes = (self.in_axes,) if isinstance(self.in_axes, int) else tuple(self.in_axes)
     in_axes = tuple(a % x.ndim for a in in_axes)
+    if in_axes != tuple(range(x.ndim - len(in_axes), x.ndim)):
+      raise ValueError(f'DenseGeneral contracts trailing axes only, got in_axes={self.in_axes} '
+                       f'for an input of rank {x.ndim}')
     in_shape = tuple(x.shape[a] for a in in_axes)
     fan_in = int(np.prod(in_shape))
-    init = nn.with_logical_partitioning(
-        lambda key, shape, dtype: nn.initializers.normal(fan_in ** -0.5)(key, shape, dtype),
-        self.kernel_axes)
-    kernel = self.param('kernel', init, in_shape + features, self.param_dtype)
-    y = jax.lax.dot_general(x.astype(self.dtype), jnp.asarray(kernel, self.dtype),
-                            ((in_axes, tuple(range(len(in_axes)))), ((), ())))
+    init = self.kernel_init or (
+        lambda key, shape, dtype: nn.initializers.normal(fan_in ** -0.5)(key, shape, dtype))
+    kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
+                        in_shape + features, self.param_dtype)
+    y = contract_trailing(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), len(in_axes))
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.kernel_axes[-len(features):]), features,
                         self.param_dtype)
@@ -85,10 +104,11 @@ class DenseGeneral(nn.Module):
 
 def Dense(features, kernel_axes, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
           name=None):
-  """A plain (in, out) dense layer with logical names; params `kernel` [in, out], `bias` [out]."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=dense_init(kernel_axes), bias_init=zeros_init(kernel_axes[-1:]),
-                  name=name)
+  """A plain (in, out) dense layer with logical names; params `kernel` [in, out], `bias` [out]
+  (lecun-normal kernel, zero bias: the initialisation of `nn.Dense`)."""
+  return DenseGeneral(features, tuple(kernel_axes), use_bias=use_bias, dtype=dtype,
+                      param_dtype=param_dtype, kernel_init=nn.initializers.lecun_normal(),
+                      name=name)
 
 
 class RMSNorm(nn.Module):
@@ -181,26 +201,77 @@ def make_attention_mask(attention_mask, causal: bool, segment_ids=None, sliding_
   return keep
 
 
-def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.float32):
+def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.float32,
+                          causal_blocks: int = 1):
   """Multi-head attention with grouped K/V heads.
 
   q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H % Hkv == 0; mask: bool [B, 1, T, S] or None.
-  Returns [B, T, H, D]. `impl='einsum'` groups the query heads per K/V head instead of
-  repeating K/V (fastest on XLA CPU); `impl='xla'` calls `jax.nn.dot_product_attention`
-  (cuDNN flash attention on GPU).
+  Returns [B, T, H, D]. `impl='einsum'` (default) groups the query heads per K/V head instead
+  of repeating K/V and has a hand-written backward pass (`_attention`); `impl='xla'` calls
+  `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+
+  `causal_blocks` > 1 (einsum, self-attention with a causal `mask` only) splits the queries into
+  that many blocks and gives block i only the keys up to its last query: the skipped keys are
+  all masked for every query of the block, so real tokens get the same result with
+  ~(n+1)/(2n) of the score work. Rows whose every key is masked (padding queries) then average
+  fewer values; their outputs are never attended to or trained on.
   """
   b, t, h, d = q.shape
-  hkv = k.shape[2]
+  s, hkv = k.shape[1], k.shape[2]
   scale = d ** -0.5
   if impl == 'xla':
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(dtype)
   if impl != 'einsum':
     raise ValueError(f"config.model.attention={impl!r}: expected 'einsum' or 'xla'")
-  qg = q.reshape(b, t, hkv, h // hkv, d)
-  logits = jnp.einsum('btkgd,bskd->bkgts', qg * jnp.asarray(scale, q.dtype), k,
-                      preferred_element_type=jnp.float32)
+  # [B, Hkv, G, T, D] against [B, Hkv, S, D]: batched matmuls over (B, Hkv) with the grouped
+  # query rows (G, T) as one contiguous M dimension, so no score-sized transposes are needed.
+  qg = q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
+  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  m = None if mask is None else mask[:, :, None]                 # [B, 1, 1, T, S]
+  n = causal_blocks if (causal_blocks > 1 and t == s) else 1
+  bounds = [round(t * i / n) for i in range(n + 1)]
+  outs = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    mi = None if m is None else m[:, :, :, lo:hi, :hi]
+    outs.append(_attention(qg[:, :, :, lo:hi], kt[:, :, :hi], vt[:, :, :hi], mi, scale))
+  out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)    # [B, Hkv, G, T, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dtype)
+
+
+def _attention_fwd_core(q, k, v, mask, scale):
+  """q [B,K,G,T,D], k/v [B,K,S,D], mask bool [B,1,1,T,S] | None -> (out [B,K,G,T,D], probs)."""
+  logits = jnp.einsum('bkgtd,bksd->bkgts', q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
-    logits = jnp.where(mask[:, :, None], logits, NEG_INF)   # [B, 1, 1, T, S] broadcast
+    logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', probs, v)
-  return out.reshape(b, t, h, d).astype(dtype)
+  return jnp.einsum('bkgts,bksd->bkgtd', probs, v), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, scale):
+  """Softmax attention with the textbook backward pass: dS = P * (dP - rowsum(dO * O)).
+
+  Autodiff of softmax differentiates through max/exp/sum/div and transposes the score-sized
+  intermediates; this backward touches the [T, S] scores twice (dP, dS) and measured ~1.5x
+  faster fwd+bwd on XLA:CPU for the bench model's attention (BENCHMARKS.md).
+  """
+  return _attention_fwd_core(q, k, v, mask, scale)[0]
+
+
+def _attention_fwd(q, k, v, mask, scale):
+  out, probs = _attention_fwd_core(q, k, v, mask, scale)
+  return out, (q, k, v, mask, out, probs)
+
+
+def _attention_bwd(scale, res, d_out):
+  q, k, v, mask, out, probs = res
+  dv = jnp.einsum('bkgts,bkgtd->bksd', probs, d_out.astype(probs.dtype))
+  dp = jnp.einsum('bkgtd,bksd->bkgts', d_out, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+  ds = (probs.astype(jnp.float32) * (dp - delta) * scale).astype(q.dtype)
+  dq = jnp.einsum('bkgts,bksd->bkgtd', ds, k)
+  dk = jnp.einsum('bkgts,bkgtd->bksd', ds, q)
+  return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)

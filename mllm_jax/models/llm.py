@@ -39,6 +39,7 @@ class Attention(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   impl: str = 'einsum'
+  blocks: int = 1   # causal query blocks (layers.dot_product_attention)
 
   @nn.compact
   def __call__(self, x, mask, cos, sin):
@@ -53,7 +54,8 @@ class Attention(nn.Module):
     q = L.constrain(L.apply_rope(q, cos, sin), ('act_batch', 'act_length', 'act_heads', None))
     k = L.constrain(L.apply_rope(k, cos, sin), ('act_batch', 'act_length', 'act_kv_heads', None))
     v = L.constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
-    out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype)
+    out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
+                                  causal_blocks=self.blocks)
     return L.DenseGeneral(c.hidden, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
                           name='o_proj', **kw)(out)
 
@@ -81,12 +83,14 @@ class DecoderBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str = 'einsum'
+  attention_blocks: int = 1
 
   @nn.compact
   def __call__(self, x, mask, cos, sin):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = L.RMSNorm(c.norm_eps, name='input_norm', **kw)(x)
-    x = x + Attention(c, impl=self.attention_impl, name='attn', **kw)(h, mask, cos, sin)
+    attn = Attention(c, impl=self.attention_impl, blocks=self.attention_blocks, name='attn', **kw)
+    x = x + attn(h, mask, cos, sin)
     h = L.RMSNorm(c.norm_eps, name='post_attn_norm', **kw)(x)
     x = x + GatedMLP(c.hidden, c.mlp_dim, c.act, name='mlp', **kw)(h)
     return L.constrain(x, ('act_batch', 'act_length', 'act_embed')), None
@@ -103,6 +107,7 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str = 'einsum'
+  attention_blocks: int = 1
   remat_policy: str = 'none'
 
   def setup(self):
@@ -116,7 +121,7 @@ class Decoder(nn.Module):
         block, variable_axes={'params': 0}, split_rngs={'params': True},
         in_axes=(nn.broadcast,) * 3, length=c.depth,
         metadata_params={nn.PARTITION_NAME: 'layers'})(
-            c, self.dtype, self.param_dtype, self.attention_impl)
+            c, self.dtype, self.param_dtype, self.attention_impl, self.attention_blocks)
     self.norm = L.RMSNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     if not c.tie_embeddings:
       self.lm_head = L.Dense(c.vocab_size, ('embed', 'vocab'), dtype=self.dtype,

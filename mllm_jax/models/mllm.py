@@ -144,7 +144,8 @@ class MLLM(nn.Module):
   def setup(self):
     c = self.cfg
     kw = dict(dtype=c.compute_dtype, param_dtype=c.weight_dtype)
-    self.llm = Decoder(c.llm, attention_impl=c.attention, remat_policy=c.remat_policy, **kw)
+    self.llm = Decoder(c.llm, attention_impl=c.attention, attention_blocks=c.attention_blocks,
+                       remat_policy=c.remat_policy, **kw)
     if c.vision is not None:
       self.vision = VisionEncoder(c.vision, attention_impl=c.attention,
                                   remat_policy=c.vision_remat_policy, **kw)

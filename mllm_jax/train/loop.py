@@ -227,7 +227,8 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   train_task = make_task(config, tokenizer, mcfg, sc.task, 'train')
   eval_task = make_task(config, tokenizer, mcfg, sc.task, 'eval')
   step_fn = steps.make_train_step(factory.model, tx, mask,
-                                  optim.learning_rate_schedule(sc.optim, sc.steps))
+                                  optim.learning_rate_schedule(sc.optim, sc.steps),
+                                  logits_chunk=config.train.logits_chunk)
   start = int(jax.device_get(state.step))
   batches = prefetch(train_batches(train_task, start, sc.batch_size, sc.grad_accum),
                      config.data.prefetch)

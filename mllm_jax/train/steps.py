@@ -91,8 +91,24 @@ class StateFactory:
                         shapes, shardings)
 
 
+def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0):
+  """Summed next-token loss of `batch` (dict(loss_sum, tokens, correct)).
+
+  `logits_chunk` > 0 projects to the vocabulary only in slices of the loss positions
+  (`losses.chunked_next_token_loss`); 0 materialises the full [B, T, V] logits.
+  """
+  variables = {'params': params}
+  if not logits_chunk:
+    logits = model.apply(variables, **model_inputs(batch))
+    return losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
+  hidden = model.apply(variables, **model_inputs(batch), method='hidden_states')
+  return losses.chunked_next_token_loss(
+      hidden, lambda h: model.apply(variables, h, method='logits'), batch['input_ids'],
+      batch['loss_mask'], logits_chunk)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict,
-                    schedule: Callable | None = None):
+                    schedule: Callable | None = None, logits_chunk: int = 0):
   """Returns train_step(state, batch) -> (state, metrics); batch leaves are [accum, b, ...]."""
 
   def train_step(state: TrainState, batch):
@@ -101,8 +117,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
 
     def micro_step(grads, mb):
       def loss_fn(tp):
-        logits = model.apply({'params': merge_params(tp, frozen)}, **model_inputs(mb))
-        out = losses.next_token_loss(logits, mb['input_ids'], mb['loss_mask'])
+        out = sequence_loss(model, merge_params(tp, frozen), mb, logits_chunk)
         return out['loss_sum'] / n_tokens, out
       (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
       return jax.tree.map(jnp.add, grads, g), out
