@@ -201,6 +201,20 @@ def make_attention_mask(attention_mask, causal: bool, segment_ids=None, sliding_
   return keep
 
 
+def make_cache_mask(filled, index, t: int, sliding_window: int = 0):
+  """Mask [B, 1, T, L] for T new tokens at cache slots [index, index + T) over L slots.
+
+  filled [B, L] (True = the slot holds a real token, the new ones included). Slots are in
+  sequence order, so causality is slot <= the query's slot.
+  """
+  slots = jnp.arange(filled.shape[1])
+  q_slots = index + jnp.arange(t)
+  keep = (slots[None, :] <= q_slots[:, None])[None, None] & filled[:, None, None, :]
+  if sliding_window:
+    keep = keep & (q_slots[:, None] - slots[None, :] < sliding_window)[None, None]
+  return keep
+
+
 def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.float32,
                           causal_blocks: int = 1):
   """Multi-head attention with grouped K/V heads.
@@ -232,8 +246,9 @@ def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.floa
   bounds = [round(t * i / n) for i in range(n + 1)]
   outs = []
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    mi = None if m is None else m[:, :, :, lo:hi, :hi]
-    outs.append(_attention(qg[:, :, :, lo:hi], kt[:, :, :hi], vt[:, :, :hi], mi, scale))
+    keys = hi if n > 1 else s      # causal blocks: keys past the block's last query are masked
+    mi = None if m is None else m[:, :, :, lo:hi, :keys]
+    outs.append(_attention(qg[:, :, :, lo:hi], kt[:, :, :keys], vt[:, :, :keys], mi, scale))
   out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)    # [B, Hkv, G, T, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dtype)
 

@@ -42,7 +42,10 @@ class Attention(nn.Module):
   blocks: int = 1   # causal query blocks (layers.dot_product_attention)
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin):
+  def __call__(self, x, mask, cos, sin, kv=None):
+    """`kv` (generation): dict(k, v [B, L, Hkv, D], index int32) - the new keys/values are
+    written at slots [index, index + T) and the queries attend to all L slots (`mask` is then
+    [B, 1, T, L]). Returns the output, and the updated `kv` (None without a cache)."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q = L.DenseGeneral((c.heads, c.dim_per_head), ('embed', 'heads', 'head_dim'),
@@ -54,10 +57,15 @@ class Attention(nn.Module):
     q = L.constrain(L.apply_rope(q, cos, sin), ('act_batch', 'act_length', 'act_heads', None))
     k = L.constrain(L.apply_rope(k, cos, sin), ('act_batch', 'act_length', 'act_kv_heads', None))
     v = L.constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
+    if kv is not None:
+      at = (0, kv['index'], 0, 0)
+      k = jax.lax.dynamic_update_slice(kv['k'], k.astype(kv['k'].dtype), at)
+      v = jax.lax.dynamic_update_slice(kv['v'], v.astype(kv['v'].dtype), at)
+      kv = dict(k=k, v=v, index=kv['index'])
     out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
                                   causal_blocks=self.blocks)
     return L.DenseGeneral(c.hidden, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
-                          name='o_proj', **kw)(out)
+                          name='o_proj', **kw)(out), kv
 
 
 class GatedMLP(nn.Module):
@@ -86,14 +94,15 @@ class DecoderBlock(nn.Module):
   attention_blocks: int = 1
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin):
+  def __call__(self, x, mask, cos, sin, kv=None):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = L.RMSNorm(c.norm_eps, name='input_norm', **kw)(x)
     attn = Attention(c, impl=self.attention_impl, blocks=self.attention_blocks, name='attn', **kw)
-    x = x + attn(h, mask, cos, sin)
+    a, kv = attn(h, mask, cos, sin, kv)
+    x = x + a
     h = L.RMSNorm(c.norm_eps, name='post_attn_norm', **kw)(x)
     x = x + GatedMLP(c.hidden, c.mlp_dim, c.act, name='mlp', **kw)(h)
-    return L.constrain(x, ('act_batch', 'act_length', 'act_embed')), None
+    return L.constrain(x, ('act_batch', 'act_length', 'act_embed')), kv
 
 
 class Decoder(nn.Module):
@@ -119,7 +128,7 @@ class Decoder(nn.Module):
     block = remat(DecoderBlock, self.remat_policy)
     self.layers = nn.scan(
         block, variable_axes={'params': 0}, split_rngs={'params': True},
-        in_axes=(nn.broadcast,) * 3, length=c.depth,
+        in_axes=(nn.broadcast,) * 3 + (0,), length=c.depth,
         metadata_params={nn.PARTITION_NAME: 'layers'})(
             c, self.dtype, self.param_dtype, self.attention_impl, self.attention_blocks)
     self.norm = L.RMSNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -131,20 +140,42 @@ class Decoder(nn.Module):
     """[B, T] int -> [B, T, E]."""
     return L.constrain(self.embed_tokens(input_ids), ('act_batch', 'act_length', 'act_embed'))
 
-  def hidden_states(self, inputs_embeds, attention_mask=None, positions=None, segment_ids=None):
-    """[B, T, E] -> final-normed hidden states [B, T, E]."""
+  def hidden_states(self, inputs_embeds, attention_mask=None, positions=None, segment_ids=None,
+                    cache=None):
+    """[B, T, E] -> final-normed hidden states [B, T, E].
+
+    With `cache` (see `init_cache`) the T new tokens are written at slots [index, index + T)
+    and attend to every filled slot; returns (hidden states, updated cache).
+    """
     b, t, _ = inputs_embeds.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = L.make_attention_mask(attention_mask, causal=True, segment_ids=segment_ids,
-                                 sliding_window=self.cfg.sliding_window)
     inv_freq = L.rope_inv_freq(self.cfg.dim_per_head, self.cfg.rope_theta,
                                self.cfg.rope_scaling.as_dict())
     cos, sin = L.rope_cos_sin(positions, inv_freq)
-    x, _ = self.layers(inputs_embeds.astype(self.dtype), mask, cos, sin)
-    return self.norm(x)
+    x = inputs_embeds.astype(self.dtype)
+    if cache is None:
+      mask = L.make_attention_mask(attention_mask, causal=True, segment_ids=segment_ids,
+                                   sliding_window=self.cfg.sliding_window)
+      x, _ = self.layers(x, mask, cos, sin, None)
+      return self.norm(x)
+    index = cache['index']
+    filled = jax.lax.dynamic_update_slice(cache['filled'], attention_mask.astype(bool),
+                                          (0, index))                       # [B, L]
+    mask = L.make_cache_mask(filled, index, t, self.cfg.sliding_window)   # [B, 1, T, L]
+    depth = self.cfg.depth
+    kv = dict(k=cache['k'], v=cache['v'], index=jnp.full((depth,), index, jnp.int32))
+    x, kv = self.layers(x, mask, cos, sin, kv)
+    return self.norm(x), dict(k=kv['k'], v=kv['v'], filled=filled, index=index + t)
+
+  def init_cache(self, batch: int, length: int):
+    """Empty KV cache: k, v [depth, B, L, Hkv, D] (compute dtype), filled [B, L], index 0."""
+    c = self.cfg
+    shape = (c.depth, batch, length, c.num_kv_heads, c.dim_per_head)
+    return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                filled=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
   def logits(self, h):
     """[B, T, E] -> fp32 [B, T, vocab]."""

@@ -206,9 +206,13 @@ class MLLM(nn.Module):
     return embeds
 
   def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
-                    segment_ids=None, image_sizes=None):
+                    segment_ids=None, image_sizes=None, cache=None):
+    """-> [B, T, E]; with a KV `cache` (generation) -> (hidden states, updated cache)."""
     return self.llm.hidden_states(self.embed(input_ids, pixel_values, image_sizes),
-                                  attention_mask, positions, segment_ids)
+                                  attention_mask, positions, segment_ids, cache)
+
+  def init_cache(self, batch: int, length: int):
+    return self.llm.init_cache(batch, length)
 
   def logits(self, hidden):
     return self.llm.logits(hidden)

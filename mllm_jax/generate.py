@@ -1,0 +1,222 @@
+"""Generation: jitted prefill, then a static-shape KV-cache decode loop (`lax.while_loop`).
+
+    new_ids = mllm_jax.generate(model, params, input_ids, attention_mask=None, pixel_values=None,
+                                max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0,
+                                stop_tokens=(eos_id,), seed=0)            # int32 [B, max_new_tokens]
+
+Same input conventions as `model.apply`: image placeholder tokens already expanded in
+`input_ids`, `pixel_values` per sample [B, M, H, W, 3] or flat [N, H, W, 3] (channels first is
+accepted too). Prompts of different lengths are LEFT-padded (attention_mask 0 at the start), as
+for transformers' `generate`; position ids follow its convention (cumsum of the mask - 1).
+After a row emits a stop token it emits `pad_token_id`; the loop ends when every row stopped.
+
+`temperature=0` is greedy decoding; otherwise logits / temperature, then top-k, then top-p
+(nucleus), then a categorical sample (`seed`). Visual contrastive decoding (VCD, Leng et al.
+2024) runs when `vcd_alpha > 0`: a second branch sees the images noised by the diffusion forward
+process at `vcd_noise_step` (of 1000, sigmoid beta schedule), and the next token comes from
+`(1 + alpha) * l(v) - alpha * l(v')`, restricted to tokens with l(v) >= log(beta) + max l(v).
+
+CLI: `python -m mllm_jax.generate --checkpoint WORKDIR --image IMG --prompt "..."` (or
+`--hf DIR`); see `main`. The module itself is callable: `mllm_jax.generate(...)` is
+`mllm_jax.generate.generate(...)`.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import types
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NEG_INF = -1e30
+
+
+# ----------------------------------------------------------------------------------------------
+# Token choice
+# ----------------------------------------------------------------------------------------------
+def vcd_logits(logits, noised_logits, alpha: float, beta: float):
+  """Contrastive logits `(1+alpha) l - alpha l'`, -inf where l < log(beta) + max l. [B, V]."""
+  cutoff = jnp.log(beta) + jnp.max(logits, -1, keepdims=True)
+  cd = (1 + alpha) * logits - alpha * noised_logits
+  return jnp.where(logits < cutoff, -jnp.inf, cd)
+
+
+def sample_token(logits, rng, temperature: float, top_k: int, top_p: float):
+  """[B, V] fp32 logits -> [B] int32 (greedy when temperature == 0)."""
+  if temperature == 0.0:
+    return jnp.argmax(logits, -1).astype(jnp.int32)
+  logits = logits / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, NEG_INF, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_probs = jnp.take_along_axis(jax.nn.softmax(logits, -1), order, -1)
+    before = jnp.cumsum(sorted_probs, -1) - sorted_probs     # mass of the better tokens
+    drop_sorted = before >= top_p                             # the best token always stays
+    drop = jnp.zeros_like(drop_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+        drop_sorted)
+    logits = jnp.where(drop, NEG_INF, logits)
+  return jax.random.categorical(rng, logits, -1).astype(jnp.int32)
+
+
+def diffusion_noise(pixel_values, rng, step: int, num_steps: int = 1000):
+  """VCD's forward diffusion q(x_t | x_0) on normalised pixels: sqrt(a_t) x + sqrt(1-a_t) eps."""
+  betas = jax.nn.sigmoid(jnp.linspace(-6.0, 6.0, num_steps)) * (5e-3 - 1e-5) + 1e-5
+  alpha_bar = jnp.cumprod(1.0 - betas)[step]
+  eps = jax.random.normal(rng, pixel_values.shape, jnp.float32)
+  return (jnp.sqrt(alpha_bar) * pixel_values + jnp.sqrt(1 - alpha_bar) * eps).astype(
+      pixel_values.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill + decode
+# ----------------------------------------------------------------------------------------------
+def _generate(model, params, input_ids, attention_mask, pixel_values, rng, *, max_new_tokens,
+              cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id, vcd_alpha,
+              vcd_beta, vcd_noise_step):
+  b, t = input_ids.shape
+  variables = {'params': params}
+  rng, noise_rng = jax.random.split(rng)
+  if vcd_alpha > 0:   # the contrastive branch rides along as extra batch rows
+    noised = diffusion_noise(pixel_values, noise_rng, vcd_noise_step)
+    pixel_values = jnp.concatenate([pixel_values, noised], 0)
+    input_ids, attention_mask = (jnp.concatenate([x, x], 0) for x in (input_ids, attention_mask))
+  rows = input_ids.shape[0]
+  positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
+
+  def last_logits(hidden):
+    return model.apply(variables, hidden[:, -1:], method='logits')[:, 0]          # [rows, V]
+
+  cache = model.apply(variables, rows, cache_len, method='init_cache')
+  hidden, cache = model.apply(variables, input_ids, pixel_values, attention_mask, positions,
+                              cache=cache, method='hidden_states')
+  stops = jnp.asarray(stop_tokens or [-1], jnp.int32)
+
+  def choose(logits, key):
+    if vcd_alpha > 0:
+      logits = vcd_logits(logits[:b], logits[b:], vcd_alpha, vcd_beta)
+    return sample_token(logits, key, temperature, top_k, top_p)
+
+  def cond(s):
+    i, _, _, done, _, _, _ = s
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def body(s):
+    i, tokens, cache, done, rng, logits, pos = s
+    rng, key = jax.random.split(rng)
+    tok = jnp.where(done, pad_token_id, choose(logits, key))
+    tokens = tokens.at[:, i].set(tok)
+    done = done | jnp.isin(tok, stops)
+    feed = jnp.concatenate([tok, tok], 0) if vcd_alpha > 0 else tok
+    hidden, cache = model.apply(variables, feed[:, None], None, jnp.ones((rows, 1), jnp.int32),
+                                pos[:, None], cache=cache, method='hidden_states')
+    return i + 1, tokens, cache, done, rng, last_logits(hidden), pos + 1
+
+  init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
+          jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
+  return jax.lax.while_loop(cond, body, init)[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model, **static):
+  return jax.jit(functools.partial(_generate, model, **static))
+
+
+def tokens_per_image(model) -> int:
+  """Sequence tokens one image becomes (the connector's output length)."""
+  v = model.cfg.vision
+  out = jax.eval_shape(lambda p: model.apply({'params': p}, jnp.zeros(
+      (1, v.image_size, v.image_size, 3), jnp.float32), method='encode_images'),
+      _abstract_params(model))
+  return int(out.shape[-2])
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(model):
+  import flax.linen as nn
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                            input_ids=jnp.zeros((1, 8), jnp.int32))['params'])
+  return nn.meta.unbox(boxed)
+
+
+def _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len):
+  """Host-side checks with messages that say what to change."""
+  b, t = input_ids.shape
+  if max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens}: must be >= 1')
+  if t + max_new_tokens > cache_len:
+    raise ValueError(f'the prompt ({t} tokens) plus max_new_tokens ({max_new_tokens}) does not '
+                     f'fit the KV cache of {cache_len} slots: raise cache_len or shorten the prompt')
+  if not np.all(attention_mask[:, -1]):
+    raise ValueError('generate needs LEFT-padded prompts (attention_mask ends in 1 on every '
+                     "row): tokenize with padding_side='left'")
+  cfg = model.cfg
+  n_tokens = ((input_ids == cfg.image_token_id) & attention_mask.astype(bool)).sum(1)
+  if cfg.vision is None or cfg.image_grid_pinpoints:
+    if pixel_values is not None and cfg.vision is None:
+      raise ValueError('pixel_values given to a model without a vision tower')
+    return
+  per_image = tokens_per_image(model)
+  if pixel_values is None:
+    if n_tokens.sum():
+      raise ValueError(f'the prompts hold {int(n_tokens.sum())} image tokens but no pixel_values '
+                       'were given')
+    return
+  rank = np.ndim(pixel_values)
+  if rank == 4:      # flat list for the batch
+    want = pixel_values.shape[0] * per_image
+    if n_tokens.sum() != want:
+      raise ValueError(f'{pixel_values.shape[0]} images ({per_image} tokens each = {want}) but '
+                       f'the prompts hold {int(n_tokens.sum())} image tokens: the number of image '
+                       'tags must match the number of images')
+  elif rank == 5:    # per sample, unused slots allowed
+    slots = pixel_values.shape[1] * per_image
+    bad = [i for i in range(b) if n_tokens[i] % per_image or n_tokens[i] > slots]
+    if bad:
+      raise ValueError(f'rows {bad}: image tokens {n_tokens[bad].tolist()} are not a multiple '
+                       f'of {per_image} (tokens per image) up to {slots} ({pixel_values.shape[1]} '
+                       'image slots per sample): the image tags must match the images')
+  else:
+    raise ValueError(f'pixel_values of rank {rank}: expected [N, H, W, 3] or [B, M, H, W, 3]')
+
+
+def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
+             seed: int = 0, cache_len: int | None = None, vcd_alpha: float = 0.0,
+             vcd_beta: float = 0.1, vcd_noise_step: int = 500):
+  """New token ids int32 [B, max_new_tokens] (pad_token_id after a stop token). See module doc.
+
+  Runs on whatever devices `params` live on: call it under `jax.set_mesh(mesh)` and
+  `nn.logical_axis_rules(rules)` to keep activations sharded like training does.
+  """
+  input_ids = np.asarray(input_ids, np.int32)
+  attention_mask = (np.ones_like(input_ids) if attention_mask is None
+                    else np.asarray(attention_mask, np.int32))
+  cache_len = cache_len or input_ids.shape[1] + max_new_tokens
+  _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len)
+  if vcd_alpha > 0 and pixel_values is None:
+    raise ValueError('visual contrastive decoding (vcd_alpha > 0) needs pixel_values')
+  if pixel_values is not None:
+    pixel_values = jnp.asarray(pixel_values, jnp.float32)
+  fn = _compiled(model, max_new_tokens=int(max_new_tokens), cache_len=int(cache_len),
+                 temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
+                 stop_tokens=tuple(int(s) for s in stop_tokens), pad_token_id=int(pad_token_id),
+                 vcd_alpha=float(vcd_alpha), vcd_beta=float(vcd_beta),
+                 vcd_noise_step=int(vcd_noise_step))
+  return fn(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
+            jax.random.key(seed))
+
+
+class _CallableModule(types.ModuleType):
+  """`mllm_jax.generate(...)` calls the function while `python -m mllm_jax.generate` runs the CLI."""
+
+  def __call__(self, *args, **kwargs):
+    return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
