@@ -232,8 +232,9 @@ def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.floa
   bounds = [round(t * i / n) for i in range(n + 1)]
   outs = []
   for lo, hi in zip(bounds[:-1], bounds[1:]):
-    mi = None if m is None else m[:, :, :, lo:hi, :hi]
-    outs.append(_attention(qg[:, :, :, lo:hi], kt[:, :, :hi], vt[:, :, :hi], mi, scale))
+    keys = hi if n > 1 else s      # causal blocks: keys past the block's last query are masked
+    mi = None if m is None else m[:, :, :, lo:hi, :keys]
+    outs.append(_attention(qg[:, :, :, lo:hi], kt[:, :, :keys], vt[:, :, :keys], mi, scale))
   out = outs[0] if n == 1 else jnp.concatenate(outs, axis=3)    # [B, Hkv, G, T, D]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(dtype)
 
