@@ -137,6 +137,18 @@ def test_attention_backward_and_causal_blocks_match_autodiff(blocks):
                              _reference_attention(q, k, v, mask) * am[:, :, None, None], atol=1e-5)
 
 
+def test_attention_with_more_keys_than_queries_matches_reference():
+  """Cross-attention / a decode step: T queries over S > T keys (all keys used)."""
+  ks = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(ks[0], (2, 3, 4, 8))
+  k = jax.random.normal(ks[1], (2, 9, 2, 8))
+  v = jax.random.normal(ks[2], (2, 9, 2, 8))
+  mask = jnp.ones((2, 1, 3, 9), bool).at[0, :, :, 7:].set(False)
+  for blocks in (1, 4):   # blocks apply to causal self-attention only (T == S)
+    np.testing.assert_allclose(L.dot_product_attention(q, k, v, mask, causal_blocks=blocks),
+                               _reference_attention(q, k, v, mask), atol=1e-5)
+
+
 def test_rms_norm_formula():
   x = jnp.array([[1.0, -2.0, 3.0, 0.5]])
   out = L.RMSNorm(eps=1e-6).apply({'params': {'scale': jnp.array([1.0, 2.0, 0.5, 1.0])}}, x)
