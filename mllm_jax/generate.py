@@ -212,6 +212,107 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
             jax.random.key(seed))
 
 
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
+  """(model, params, tokenizer, ImageProcessor) from a training run / convert checkpoint or an
+  HF directory; params placed on one device."""
+  import json
+  import os
+  from mllm_jax.data import images as image_lib, tokenizer as tok_lib
+  if (checkpoint is None) == (hf is None):
+    raise ValueError('give exactly one of --checkpoint (training workdir, checkpoint step dir '
+                     'or convert output) and --hf (Hugging Face model directory)')
+  if hf is not None:
+    import mllm_jax
+    import transformers
+    model, params = mllm_jax.load_hf(hf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    pp = os.path.join(hf, 'preprocessor_config.json')
+    if os.path.exists(pp):
+      with open(pp) as f:
+        processor = image_lib.ImageProcessor.from_hf(json.load(f))
+    else:
+      processor = None if model.cfg.vision is None else image_lib.ImageProcessor(
+          'clip', size=model.cfg.vision.image_size, crop_size=model.cfg.vision.image_size)
+    return model, params, tokenizer, processor
+  from mllm_jax import sharding as shd
+  from mllm_jax.hf import pretrained
+  from mllm_jax.models import MLLM
+  from mllm_jax.train import steps
+  mcfg, tok_dir = pretrained.saved_model_config(checkpoint)
+  model = MLLM(mcfg)
+  factory = steps.StateFactory(model, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+                               shd.logical_rules('dp'))
+  params = pretrained.restore_params(checkpoint, factory.abstract_params)
+  if tok_dir is None:
+    raise ValueError(f'{checkpoint}: a convert checkpoint carries no tokenizer; use the '
+                     'training workdir or --hf')
+  tokenizer = tok_lib.load_tokenizer(tok_dir)
+  norm = 'clip'
+  step_dir = pretrained._train_step_dir(checkpoint)
+  if step_dir is not None:
+    with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+      norm = json.load(f)['config']['data']['image_norm']
+  mean, std = image_lib.NORMALIZATION[norm]
+  side = mcfg.vision.image_size if mcfg.vision else None
+  processor = None if side is None else image_lib.ImageProcessor(
+      'clip', size=side, crop_size=side, mean=mean, std=std)
+  return model, params, tokenizer, processor
+
+
+def prompt_ids(model, tokenizer, prompt: str, n_images: int, image_token: str = '<image>'):
+  """User turn (image tags first) through the chat template, image tags expanded -> [1, T]."""
+  content = (image_token + '\n') * n_images + prompt
+  if tokenizer.chat_template:
+    text = tokenizer.apply_chat_template([{'role': 'user', 'content': content}], tokenize=False,
+                                         add_generation_prompt=True)
+  else:
+    text = content
+  ids = tokenizer.encode(text, add_special_tokens=not tokenizer.chat_template)
+  if n_images:
+    image_id, per = model.cfg.image_token_id, tokens_per_image(model)
+    ids = [j for i in ids for j in ([i] * per if i == image_id else [i])]
+  return np.asarray([ids], np.int32)
+
+
+def main(argv=None):
+  import argparse
+  from PIL import Image
+  from mllm_jax.data import tokenizer as tok_lib
+  ap = argparse.ArgumentParser(prog='python -m mllm_jax.generate', description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument('--checkpoint', help='training workdir, checkpoint step dir or convert output')
+  src.add_argument('--hf', help='Hugging Face model directory (LLaVA, Llama, Qwen2, ...)')
+  ap.add_argument('--image', action='append', default=[], help='image file (repeatable)')
+  ap.add_argument('--prompt', required=True)
+  ap.add_argument('--max-new-tokens', type=int, default=64)
+  ap.add_argument('--temperature', type=float, default=0.0)
+  ap.add_argument('--top-k', type=int, default=0)
+  ap.add_argument('--top-p', type=float, default=1.0)
+  ap.add_argument('--seed', type=int, default=0)
+  ap.add_argument('--vcd-alpha', type=float, default=0.0)
+  ap.add_argument('--vcd-beta', type=float, default=0.1)
+  ap.add_argument('--vcd-noise-step', type=int, default=500)
+  args = ap.parse_args(argv)
+  model, params, tokenizer, processor = load_for_generation(args.checkpoint, args.hf)
+  pixel_values = None
+  if args.image:
+    if processor is None:
+      raise SystemExit('--image given but the model has no vision tower')
+    pixel_values = processor([Image.open(p) for p in args.image])['pixel_values']
+  ids = prompt_ids(model, tokenizer, args.prompt, len(args.image))
+  out = generate(model, params, ids, None, pixel_values, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                 stop_tokens=tok_lib.stop_token_ids(tokenizer),
+                 pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
+                 vcd_alpha=args.vcd_alpha, vcd_beta=args.vcd_beta,
+                 vcd_noise_step=args.vcd_noise_step)
+  print(tokenizer.decode(np.asarray(out)[0], skip_special_tokens=True).strip())
+
+
 class _CallableModule(types.ModuleType):
   """`mllm_jax.generate(...)` calls the function while `python -m mllm_jax.generate` runs the CLI."""
 
@@ -220,3 +321,6 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == '__main__':
+  main()

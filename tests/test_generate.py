@@ -1,0 +1,172 @@
+"""Generation: greedy decoding equals transformers' `generate`, sampling warpers, VCD check
+values, 1 vs 8 devices, bad-input errors, and the CLI on an HF directory."""
+import io
+import contextlib
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import mllm_jax
+from mllm_jax import generate as gen
+from mllm_jax import sharding as shd
+from mllm_jax.train import steps
+from test_hf import IMAGE_ID, build_llava, images, tokenizer  # noqa: F401 (fixture)
+
+PROMPTS = ['USER : <image> describe the picture ASSISTANT :',
+           'USER : <image> what is it ? ASSISTANT :',
+           'USER : what is it ? ASSISTANT :']
+
+
+@pytest.fixture(scope='module')
+def llava(tmp_path_factory, tokenizer):
+  """A tiny random LLaVA saved in HF format with tokenizer + processor, loaded both ways."""
+  path = tmp_path_factory.mktemp('llava')
+  hf = build_llava()
+  hf.generation_config.pad_token_id = 0
+  hf.save_pretrained(path)
+  tokenizer.padding_side = 'left'
+  proc = transformers.LlavaProcessor(
+      image_processor=transformers.CLIPImageProcessorPil(
+          size={'shortest_edge': 28}, crop_size={'height': 28, 'width': 28}),
+      tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy='default',
+      num_additional_image_tokens=1)
+  proc.save_pretrained(path)
+  inputs = dict(proc(text=PROMPTS, images=images((40, 30), (28, 28)), return_tensors='np',
+                     padding=True))
+  model, params = mllm_jax.load_hf(str(path))
+  return hf, model, params, inputs, path
+
+
+def hf_generate(hf, inputs, n, eos=None):
+  with torch.no_grad():
+    out = hf.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=n,
+                      do_sample=False, eos_token_id=eos, pad_token_id=0)
+  return out[:, inputs['input_ids'].shape[1]:].numpy()
+
+
+def test_greedy_equals_transformers_generate_with_images_and_left_padding(llava):
+  hf, model, params, inputs, _ = llava
+  assert inputs['attention_mask'][:, 0].min() == 0           # left padding is exercised
+  ours = gen.generate(model, params, inputs['input_ids'], inputs['attention_mask'],
+                      inputs['pixel_values'], max_new_tokens=12)
+  np.testing.assert_array_equal(np.asarray(ours), hf_generate(hf, inputs, 12))
+  # mllm_jax.generate is the same function (the module is callable)
+  np.testing.assert_array_equal(np.asarray(mllm_jax.generate(
+      model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'],
+      max_new_tokens=12)), np.asarray(ours))
+
+
+def test_stop_tokens_pad_the_rest(llava):
+  _, model, params, inputs, _ = llava
+  free = np.asarray(gen.generate(model, params, inputs['input_ids'], inputs['attention_mask'],
+                                 inputs['pixel_values'], max_new_tokens=8))
+  stop = int(free[0, 2])                      # row 0's third token becomes a stop token
+  out = np.asarray(gen.generate(model, params, inputs['input_ids'], inputs['attention_mask'],
+                                inputs['pixel_values'], max_new_tokens=8, stop_tokens=(stop,),
+                                pad_token_id=-1))
+  for row, ref in zip(out, free):
+    hit = np.flatnonzero(ref == stop)
+    end = hit[0] + 1 if hit.size else len(ref)
+    np.testing.assert_array_equal(row[:end], ref[:end])
+    assert (row[end:] == -1).all()
+
+
+def test_sampling_warpers():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+  draw = lambda **kw: np.asarray(gen.sample_token(logits, jax.random.key(0), **kw))
+  freq = np.bincount(draw(temperature=1.0, top_k=0, top_p=1.0), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+  assert set(draw(temperature=1.0, top_k=2, top_p=1.0)) == {0, 1}
+  # top-p 0.7: the best tokens whose preceding mass is < 0.7 stay (0.5 and 0.3)
+  freq = np.bincount(draw(temperature=1.0, top_k=0, top_p=0.7), minlength=4) / 4000
+  np.testing.assert_allclose(freq, [0.5 / 0.8, 0.3 / 0.8, 0, 0], atol=0.03)
+  assert set(draw(temperature=1.0, top_k=0, top_p=0.01)) == {0}   # the best token always stays
+  assert set(draw(temperature=0.0, top_k=0, top_p=1.0)) == {0}
+
+
+def test_sampling_is_seeded(llava):
+  _, model, params, inputs, _ = llava
+  run = lambda seed: np.asarray(gen.generate(
+      model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'],
+      max_new_tokens=10, temperature=1.5, seed=seed))
+  np.testing.assert_array_equal(run(3), run(3))
+  assert not np.array_equal(run(3), run(4))
+
+
+def test_vcd_check_values():
+  l, l_noised = jnp.array([[2.0, 1.0, 0.0]]), jnp.array([[1.0, 1.0, 1.0]])
+  np.testing.assert_allclose(gen.vcd_logits(l, l_noised, 1.0, 0.1), [[3.0, 1.0, -1.0]])
+  np.testing.assert_array_equal(gen.vcd_logits(l, l_noised, 1.0, 0.5),
+                                [[3.0, -np.inf, -np.inf]])
+
+
+def test_vcd_decoding_uses_the_noised_branch(llava):
+  _, model, params, inputs, _ = llava
+  args = (model, params, inputs['input_ids'][:2], inputs['attention_mask'][:2],
+          inputs['pixel_values'][:2])
+  plain = np.asarray(gen.generate(*args, max_new_tokens=6))
+  # beta -> 0 and alpha -> 0: VCD reduces to greedy decoding on the clean image
+  np.testing.assert_array_equal(np.asarray(gen.generate(
+      *args, max_new_tokens=6, vcd_alpha=1e-6, vcd_beta=1e-9)), plain)
+  # a strong contrast changes the first token to argmax((1+a) l(v) - a l(v')) over the
+  # plausible set, computed here from two separate forwards
+  a, b = 3.0, 0.01
+  out = np.asarray(gen.generate(*args, max_new_tokens=1, vcd_alpha=a, vcd_beta=b, seed=5))
+  _, noise_rng = jax.random.split(jax.random.key(5))
+  noised = gen.diffusion_noise(jnp.asarray(inputs['pixel_values'][:2]), noise_rng, 500)
+  fwd = lambda px: model.apply({'params': params}, inputs['input_ids'][:2], px,
+                               inputs['attention_mask'][:2], jnp.maximum(jnp.cumsum(
+                                   inputs['attention_mask'][:2], -1) - 1, 0))[:, -1]
+  ref = jnp.argmax(gen.vcd_logits(fwd(inputs['pixel_values'][:2]), fwd(noised), a, b), -1)
+  np.testing.assert_array_equal(out[:, 0], np.asarray(ref))
+
+
+def test_same_tokens_on_1_and_8_devices(llava):
+  _, model, params, inputs, _ = llava
+  one = np.asarray(gen.generate(model, params, inputs['input_ids'], inputs['attention_mask'],
+                                inputs['pixel_values'], max_new_tokens=6))
+  mesh = shd.make_mesh({'fsdp': 2, 'tensor': 2, 'data': 2})
+  rules = shd.logical_rules('fsdp_tp')
+  factory = steps.StateFactory(model, mesh, rules)
+  sharded = jax.device_put(params, factory.param_shardings)
+  assert len(jax.tree.leaves(sharded)[0].sharding.device_set) == 8
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    eight = gen.generate(model, sharded, inputs['input_ids'][:2], inputs['attention_mask'][:2],
+                         inputs['pixel_values'][:2], max_new_tokens=6)
+  np.testing.assert_array_equal(np.asarray(eight), one[:2])
+
+
+def test_bad_inputs_are_clear_errors(llava):
+  _, model, params, inputs, _ = llava
+  ids, mask, px = inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values']
+  with pytest.raises(ValueError, match='does not fit the KV cache'):
+    gen.generate(model, params, ids, mask, px, max_new_tokens=8, cache_len=ids.shape[1] + 4)
+  with pytest.raises(ValueError, match='image tags must match'):
+    gen.generate(model, params, ids, mask, px[:1], max_new_tokens=2)    # 2 tags, 1 image
+  with pytest.raises(ValueError, match='no pixel_values'):
+    gen.generate(model, params, ids, mask, None, max_new_tokens=2)
+  with pytest.raises(ValueError, match='LEFT-padded'):
+    gen.generate(model, params, ids[:, ::-1], mask[:, ::-1], px, max_new_tokens=2)
+
+
+def test_cli_on_an_hf_directory_prints_the_greedy_answer(llava, tmp_path):
+  hf, model, params, inputs, path = llava
+  img = tmp_path / 'img.png'
+  images((40, 30))[0].save(img)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    gen.main(['--hf', str(path), '--image', str(img), '--prompt', 'describe the picture',
+              '--max-new-tokens', '5'])
+  # the same request through transformers: processor + generate + decode
+  proc = transformers.AutoProcessor.from_pretrained(path)
+  tok = proc.tokenizer
+  text = '<image>\ndescribe the picture'   # the test tokenizer has no chat template
+  ref_in = dict(proc(text=[text], images=images((40, 30)), return_tensors='np'))
+  ref = hf_generate(hf, ref_in, 5, eos=tok.eos_token_id)
+  assert out.getvalue().strip() == tok.decode(ref[0], skip_special_tokens=True).strip()
