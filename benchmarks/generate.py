@@ -1,0 +1,115 @@
+"""Generation throughput of the bench model: mllm_jax.generate vs transformers' generate.
+
+    python benchmarks/generate.py           # batch 1 and 8, 64 new tokens, 3 timed runs each
+    python benchmarks/generate.py --quick   # 16 new tokens, 1 timed run
+
+The bench model of benchmarks/train_step.py (benchmarks/common.py) is built in transformers
+(LlavaForConditionalGeneration, fp32, sdpa attention), saved with save_pretrained and loaded
+into mllm_jax with mllm_jax.load_hf, so both decode the same weights; prompts are BOS + 196
+image tokens + text (256 tokens), greedy, no stop token, in one process with the same threads.
+Prefill time = a run with max_new_tokens=1; decode tokens/s = batch x (N - 1) / (time(N) -
+time(1)). Last line (batch 8):
+    decode_tokens_per_s=<x> transformers_decode_tokens_per_s=<x> ratio=<x>
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPT_LEN = 256
+
+
+def timed(fn, repeats):
+  fn()   # compile / warm up
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t0)
+  return statistics.median(out)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--new-tokens', type=int, default=64)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--quick', action='store_true')
+  args = p.parse_args(argv)
+  if args.quick:
+    args.new_tokens, args.repeats = 16, 1
+
+  import jax
+  import numpy as np
+  import torch
+  import mllm_jax
+  from benchmarks import common
+  from benchmarks.train_step import build_torch_model
+  torch.set_num_threads(common.cpu_count())
+  print(f'machine: {common.cpu_model_name()}, {common.cpu_count()} usable cores; jax '
+        f'{jax.__version__}, torch {torch.__version__}; prompt {PROMPT_LEN} tokens (196 image), '
+        f'{args.new_tokens} new tokens, greedy, fp32', flush=True)
+
+  hf = build_torch_model('sdpa').eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    hf.save_pretrained(tmp)
+    model, params = mllm_jax.load_hf(tmp)
+
+  # Roofline: a decode step must read every LLM weight it multiplies (not the vision tower, and
+  # only one embedding row per token) plus the KV cache; measure the read bandwidth of a jitted
+  # reduction over 256 MiB in this run.
+  big = jax.device_put(np.ones((64 << 20,), np.float32))
+  read = jax.jit(lambda x: x.sum())
+  bandwidth = (256 << 20) / timed(lambda: read(big).block_until_ready(), 5)
+  llm = params['llm']
+  weight_bytes = sum(x.nbytes for x in jax.tree.leaves(llm)) - llm['embed_tokens']['embedding'].nbytes
+  print(f'read bandwidth {bandwidth / 1e9:.1f} GB/s; LLM weights read per decode step '
+        f'{weight_bytes / 1e6:.0f} MB -> at most {bandwidth / weight_bytes:.0f} steps/s '
+        f'(memory roofline, before the KV cache)', flush=True)
+  del big
+  results = {}
+  for batch in (1, 8):
+    b = common.make_batch(batch=batch, seq=PROMPT_LEN, seed=1)
+    ids, mask = b['input_ids'], b['attention_mask']
+    pixels = b['pixel_values'][:, 0]                                  # [B, H, W, 3]
+    t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+    t_px = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+
+    def ours(n):
+      return lambda: np.asarray(mllm_jax.generate(model, params, ids, mask, pixels,
+                                                  max_new_tokens=n))
+
+    def theirs(n):
+      def run():
+        with torch.no_grad():
+          return hf.generate(input_ids=t_ids, attention_mask=t_mask, pixel_values=t_px,
+                             max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+      return run
+
+    n = args.new_tokens
+    same = np.array_equal(ours(n)(), theirs(n)()[:, PROMPT_LEN:].numpy())
+    row = {}
+    for name, make in (('mllm_jax', ours), ('transformers', theirs)):
+      t1, tn = timed(make(1), args.repeats), timed(make(n), args.repeats)
+      row[name] = dict(prefill=batch * PROMPT_LEN / t1, decode=batch * (n - 1) / (tn - t1))
+      print(f'batch {batch} {name}: prefill {row[name]["prefill"]:.0f} tokens/s '
+            f'({t1 * 1e3:.0f} ms), decode {row[name]["decode"]:.1f} tokens/s '
+            f'({(tn - t1) / (n - 1) * 1e3:.1f} ms/step)', flush=True)
+    print(f'batch {batch}: decode ratio {row["mllm_jax"]["decode"] / row["transformers"]["decode"]:.2f}, '
+          f'prefill ratio {row["mllm_jax"]["prefill"] / row["transformers"]["prefill"]:.2f}; '
+          f'same greedy tokens: {same}', flush=True)
+    results[batch] = row
+  r = results[8]
+  print(f'decode_tokens_per_s={r["mllm_jax"]["decode"]:.1f} '
+        f'transformers_decode_tokens_per_s={r["transformers"]["decode"]:.1f} '
+        f'ratio={r["mllm_jax"]["decode"] / r["transformers"]["decode"]:.3f}')
+
+
+if __name__ == '__main__':
+  main()
