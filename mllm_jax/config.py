@@ -27,7 +27,11 @@ def stage_config(task='vqa', trainable='(connector|llm)/.*', steps=1000, batch_s
   """One training stage. `trainable` is re.fullmatch'ed against '/'-joined parameter paths
   such as 'connector/linear_1/kernel' or 'llm/layers/attn/q_proj/kernel'."""
   return CD(dict(task=task, trainable=trainable, steps=steps, batch_size=batch_size,
-                 grad_accum=grad_accum, eval_every=0, optim=optim_config(**optim_kw)))
+                 grad_accum=grad_accum, eval_every=0, optim=optim_config(**optim_kw),
+                 # task='dpo' only (mllm_jax.train.dpo): loss type, beta, label smoothing,
+                 # alpha * DPO + gamma * SFT(chosen); the reference is the stage's start
+                 preference=dict(beta=0.1, loss_type='sigmoid', label_smoothing=0.0, alpha=1.0,
+                                 gamma=0.0)))
 
 
 def base_config() -> CD:

@@ -96,3 +96,37 @@ def test_demo_learns_through_the_cli(tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
   assert os.path.isdir(tmp_path / 'checkpoints' / '450')
   assert 'held-out' in r.stdout
+  check_generation_on_the_trained_demo(tmp_path, env)
+
+
+def check_generation_on_the_trained_demo(workdir, env):
+  """The trained demo answers held-out first-turn questions by greedy decoding (API, batched
+  with left padding), and the --checkpoint CLI prints the API's answer."""
+  from PIL import Image
+  from mllm_jax import generate as gen
+  from mllm_jax.data import synthetic, tokenizer as tok_lib
+  model, params, tok, proc = gen.load_for_generation(checkpoint=str(workdir))
+  side = model.cfg.vision.image_size
+  samples = [s for s in (synthetic.make_sample(i, split='eval', image_size=side) for i in range(40))
+             if len(s.images) == 1][:24]
+  prompts = [gen.prompt_ids(model, tok, s.messages[0]['content'].split('\n', 1)[1], 1)[0]
+             for s in samples]
+  width = max(len(p) for p in prompts)
+  ids = np.full((len(prompts), width), tok.pad_token_id, np.int32)
+  mask = np.zeros_like(ids)
+  for row, p in enumerate(prompts):
+    ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+  pixels = proc([s.images[0] for s in samples])['pixel_values']
+  out = np.asarray(gen.generate(model, params, ids, mask, pixels, max_new_tokens=8,
+                                stop_tokens=tok_lib.stop_token_ids(tok),
+                                pad_token_id=tok.pad_token_id))
+  answers = [tok.decode(o, skip_special_tokens=True).strip() for o in out]
+  right = [a == s.messages[1]['content'] for a, s in zip(answers, samples)]
+  assert np.mean(right) > 0.5, list(zip(answers, [s.messages[1]['content'] for s in samples]))
+  Image.fromarray(samples[0].images[0]).save(workdir / 'q.png')
+  r = subprocess.run([sys.executable, '-m', 'mllm_jax.generate', '--checkpoint', str(workdir),
+                      '--image', str(workdir / 'q.png'), '--prompt',
+                      samples[0].messages[0]['content'].split('\n', 1)[1]],
+                     capture_output=True, text=True, timeout=300, env=env)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.strip().splitlines()[-1] == answers[0]

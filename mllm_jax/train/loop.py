@@ -18,7 +18,7 @@ import tqdm
 from mllm_jax import sharding as shd
 from mllm_jax.checkpoint import Checkpointer, RunPosition
 from mllm_jax.data import images as image_utils
-from mllm_jax.data import synthetic, tokenizer as tok_lib
+from mllm_jax.data import preference, synthetic, tokenizer as tok_lib
 from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.train import optim, steps
 from mllm_jax.train.metrics import MetricsWriter
@@ -60,6 +60,11 @@ def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):
     raise ValueError(f'config.data.image_norm={config.data.image_norm!r}: expected one of '
                      f'{sorted(image_utils.NORMALIZATION)}')
   mean, std = image_utils.NORMALIZATION[config.data.image_norm]
+  if task == 'dpo':
+    return preference.PreferenceTask(
+        tokenizer, split=split, seed=config.seed, image_size=v.image_size,
+        num_image_tokens=v.num_tokens, max_len=config.data.max_len, image_mean=mean,
+        image_std=std)
   return synthetic.SyntheticTask(
       tokenizer, kind=task, split=split, seed=config.seed, image_size=v.image_size,
       num_image_tokens=v.num_tokens, max_len=config.data.max_len,
@@ -109,7 +114,36 @@ def train_batches(task, start_step: int, batch_size: int, accum: int):
 _EVAL_CACHE: dict = {}
 
 
+def evaluate_preferences(config, factory, params, task, mesh, rules) -> dict:
+  """Held-out pairs ranked right by the policy (log pi(chosen) > log pi(rejected)), plus the
+  VQA metrics of the same model (DPO must not cost answer accuracy)."""
+  from mllm_jax.train import dpo
+  n, bs = config.train.eval_examples, config.train.eval_batch_size
+  shd.check_batch_divisible(bs, mesh, 'config.train.eval_batch_size')
+  key = (id(factory), 'preference')
+  totals = {'pairs': 0.0, 'ranked': 0.0}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for start in range(0, n, bs):
+      b = task.batch(start, bs)
+      if key not in _EVAL_CACHE:
+        _EVAL_CACHE[key] = steps.jit_eval_step(dpo.preference_eval_step(factory.model),
+                                               factory.param_shardings, mesh,
+                                               {k: v.ndim for k, v in b.items()})
+      out = jax.device_get(_EVAL_CACHE[key](params, shd.shard_batch(b, mesh)))
+      for k in totals:
+        totals[k] += float(out[k])
+  vqa = synthetic.SyntheticTask(task.tokenizer, kind='vqa', split=task.split, seed=task.seed,
+                                image_size=task.image_size, num_image_tokens=task.num_image_tokens,
+                                max_len=task.max_len, max_images=config.data.max_images,
+                                image_mean=task.image_mean, image_std=task.image_std)
+  res = evaluate(config, factory, params, vqa, mesh, rules)
+  res['eval/preference_accuracy'] = totals['ranked'] / max(totals['pairs'], 1)
+  return res
+
+
 def evaluate(config, factory, params, task, mesh, rules) -> dict:
+  if isinstance(task, preference.PreferenceTask):
+    return evaluate_preferences(config, factory, params, task, mesh, rules)
   n, bs = config.train.eval_examples, config.train.eval_batch_size
   shd.check_batch_divisible(bs, mesh, 'config.train.eval_batch_size')
   eval_fn = _EVAL_CACHE.get(id(factory))
@@ -216,6 +250,20 @@ def run(config, workdir: str) -> dict:
   return results
 
 
+def dpo_reference(workdir, name, factory, params, start):
+  """The frozen reference of DPO stage `name`: the policy at the stage's first step, saved in
+  WORKDIR/reference_<name> so that a resumed run uses the same one."""
+  from mllm_jax.hf import pretrained
+  path = os.path.join(workdir, f'reference_{name}')
+  if os.path.exists(os.path.join(path, pretrained.MODEL_JSON)):
+    return pretrained.restore_params(path, factory.abstract_params)
+  if start:
+    raise FileNotFoundError(f'{path}: the reference of DPO stage {name!r} is missing, so step '
+                            f'{start} cannot resume with the same reference')
+  pretrained.save_params(path, factory.model, params)
+  return pretrained.restore_params(path, factory.abstract_params)   # a copy the step won't donate
+
+
 def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, params, ckpt,
               writer, mesh, rules, budget):
   """Train stage `names[index]` to its end -> (state, held-out metrics), or stop early when
@@ -226,10 +274,17 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
     state = factory.create_state(params, tx, mask)
   train_task = make_task(config, tokenizer, mcfg, sc.task, 'train')
   eval_task = make_task(config, tokenizer, mcfg, sc.task, 'eval')
-  step_fn = steps.make_train_step(factory.model, tx, mask,
-                                  optim.learning_rate_schedule(sc.optim, sc.steps),
-                                  logits_chunk=config.train.logits_chunk)
+  schedule = optim.learning_rate_schedule(sc.optim, sc.steps)
   start = int(jax.device_get(state.step))
+  ref = None
+  if sc.task == 'dpo':
+    from mllm_jax.train import dpo
+    step_fn = dpo.make_dpo_train_step(factory.model, tx, mask, schedule=schedule,
+                                      **sc.preference.to_dict())
+    ref = dpo_reference(os.path.dirname(ckpt.directory), name, factory, state.params, start)
+  else:
+    step_fn = steps.make_train_step(factory.model, tx, mask, schedule,
+                                    logits_chunk=config.train.logits_chunk)
   batches = prefetch(train_batches(train_task, start, sc.batch_size, sc.grad_accum),
                      config.data.prefetch)
   config_json = config.to_json_best_effort()
@@ -246,6 +301,10 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
                     jax.tree.leaves(optim.split_params(factory.abstract_params, mask)[0]))
   print(f'Stage {name!r}: {sc.steps} steps of {sc.batch_size} {sc.task} samples, '
         f'{n_trainable / 1e6:.2f}M trainable parameters ({sc.trainable})')
+  if ref is not None and start == 0:   # the preference accuracy DPO starts from
+    res = run_eval(0)
+    print(f"Stage {name!r} before training: preference accuracy "
+          f"{res['eval/preference_accuracy']:.4f}, VQA accuracy {res['eval/accuracy']:.4f}")
   jstep = None
   bar = tqdm.tqdm(total=sc.steps, initial=start, desc=name, dynamic_ncols=True,
                   disable=not config.train.progress_bar)
@@ -253,11 +312,15 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for s in range(start, sc.steps):
       host = next(batches)
-      if jstep is None:
-        jstep = steps.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh,
-                                     {k: v.ndim - 1 for k, v in host.items()})
-      state, metrics = jstep(state, shd.shard_batch(host, mesh, leading_accum=True))
-      tokens += int(host['attention_mask'].sum())
+      ndim = {k: v.ndim - 1 for k, v in host.items()}
+      if jstep is None and ref is not None:
+        jstep = dpo.jit_dpo_step(step_fn, factory.state_shardings(tx, mask),
+                                 factory.param_shardings, mesh, ndim)
+      elif jstep is None:
+        jstep = steps.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh, ndim)
+      batch = shd.shard_batch(host, mesh, leading_accum=True)
+      state, metrics = jstep(state, batch) if ref is None else jstep(state, batch, ref)
+      tokens += sum(int(v.sum()) for k, v in host.items() if k.endswith('attention_mask'))
       done = s + 1
       if done % config.train.log_every == 0 or done == sc.steps:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,176 @@
+"""Direct preference optimisation: `dpo_loss` and the jitted DPO train step.
+
+A preference batch holds chosen and rejected completions of the same prompts (keys
+`chosen_{input_ids,attention_mask,loss_mask}`, `rejected_...`, `pixel_values`, optionally
+precomputed `ref_chosen_logps` / `ref_rejected_logps`); `loss_mask` marks the completion tokens.
+Chosen and rejected go through ONE forward, concatenated on the batch axis (images repeated),
+and log pi(y|x) is summed over completion tokens, as TRL does. With
+h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)]:
+
+    sigmoid       -log s(b h)                         conservative  -(1-e) log s(b h) - e log s(-b h)
+    hinge         max(0, 1 - b h)                     robust        [-(1-e) log s(b h) + e log s(-b h)] / (1-2e)
+    ipo           (h' - 1/(2b))^2, h' from log-ratios divided by the completion lengths (TRL)
+
+The total is `alpha * mean(dpo) + gamma * CE(chosen)` (Insight-V / LLaVA-NeXT's `dpo_alpha`,
+`gamma`), normalised over the global batch so accumulation and sharding don't change it.
+The reference is either frozen parameters evaluated in the step without gradients
+(`reference='model'`), or log-probs precomputed in one pass and stored in the batch
+(`reference='precomputed'`, `precompute_reference_logps`).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mllm_jax import sharding as shd
+from mllm_jax.train.optim import merge_params, split_params
+from mllm_jax.train.steps import TrainState
+
+LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'robust', 'conservative')
+SIDES = ('chosen', 'rejected')
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+             beta: float = 0.1, loss_type: str = 'sigmoid', label_smoothing: float = 0.0,
+             chosen_lengths=None, rejected_lengths=None):
+  """Per-pair losses [B] and the implicit rewards beta * (log pi - log ref) of both sides."""
+  if loss_type not in LOSS_TYPES:
+    raise ValueError(f'dpo loss_type={loss_type!r}: expected one of {LOSS_TYPES}')
+  chosen_ratio = chosen_logps - ref_chosen_logps
+  rejected_ratio = rejected_logps - ref_rejected_logps
+  if loss_type == 'ipo' and chosen_lengths is not None:
+    chosen_ratio = chosen_ratio / jnp.maximum(chosen_lengths, 1)
+    rejected_ratio = rejected_ratio / jnp.maximum(rejected_lengths, 1)
+  h = chosen_ratio - rejected_ratio
+  e = label_smoothing
+  if loss_type == 'sigmoid':
+    losses = -jax.nn.log_sigmoid(beta * h)
+  elif loss_type == 'conservative':
+    losses = -(1 - e) * jax.nn.log_sigmoid(beta * h) - e * jax.nn.log_sigmoid(-beta * h)
+  elif loss_type == 'robust':
+    losses = (-(1 - e) * jax.nn.log_sigmoid(beta * h) + e * jax.nn.log_sigmoid(-beta * h)) / (
+        1 - 2 * e)
+  elif loss_type == 'hinge':
+    losses = jax.nn.relu(1 - beta * h)
+  else:   # ipo
+    losses = (h - 1 / (2 * beta)) ** 2
+  return (losses, beta * (chosen_logps - ref_chosen_logps),
+          beta * (rejected_logps - ref_rejected_logps))
+
+
+def concat_sides(batch):
+  """[prompt+chosen] x B then [prompt+rejected] x B, images repeated: model inputs [2B, ...]."""
+  cat = lambda k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']], 0)
+  out = dict(input_ids=cat('input_ids'), attention_mask=cat('attention_mask'),
+             loss_mask=cat('loss_mask'))
+  if 'pixel_values' in batch:
+    out['pixel_values'] = jnp.concatenate([batch['pixel_values']] * 2, 0)
+  return out
+
+
+def completion_logps(model, params, inputs):
+  """Summed log-probs of the loss-masked tokens, their count, and the number of top-1 hits,
+  each [N] (fp32)."""
+  kw = {k: inputs[k] for k in ('input_ids', 'attention_mask', 'pixel_values') if k in inputs}
+  logits = model.apply({'params': params}, **kw)[:, :-1].astype(jnp.float32)
+  targets, mask = inputs['input_ids'][:, 1:], inputs['loss_mask'][:, 1:].astype(jnp.float32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+  return (logp * mask).sum(-1), mask.sum(-1)
+
+
+def _split(x):
+  return x[:x.shape[0] // 2], x[x.shape[0] // 2:]
+
+
+def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict, *,
+                        beta: float = 0.1, loss_type: str = 'sigmoid',
+                        label_smoothing: float = 0.0, alpha: float = 1.0, gamma: float = 0.0,
+                        reference: str = 'model', schedule: Callable | None = None):
+  """step(state, batch, ref_params) -> (state, metrics); batch leaves are [accum, b, ...].
+
+  `reference='model'`: ref_params are evaluated in the step (no gradients);
+  `'precomputed'`: the batch carries ref_chosen_logps / ref_rejected_logps, ref_params is None.
+  """
+  if reference not in ('model', 'precomputed'):
+    raise ValueError(f"dpo reference={reference!r}: expected 'model' or 'precomputed'")
+
+  def step(state: TrainState, batch, ref_params=None):
+    trainable, frozen = split_params(state.params, mask)
+    n_pairs = batch['chosen_input_ids'].shape[0] * batch['chosen_input_ids'].shape[1]
+    n_sft = jnp.maximum(batch['chosen_loss_mask'][:, :, 1:].sum(), 1.0)
+
+    def micro(grads, mb):
+      inputs = concat_sides(mb)
+      if reference == 'model':
+        ref_logps, _ = completion_logps(model, jax.lax.stop_gradient(ref_params), inputs)
+        ref_c, ref_r = _split(ref_logps)
+      else:
+        ref_c, ref_r = mb['ref_chosen_logps'], mb['ref_rejected_logps']
+
+      def loss_fn(tp):
+        logps, counts = completion_logps(model, merge_params(tp, frozen), inputs)
+        (pc, pr), (nc, nr) = _split(logps), _split(counts)
+        losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type,
+                                  label_smoothing=label_smoothing, chosen_lengths=nc,
+                                  rejected_lengths=nr)
+        total = alpha * losses.sum() / n_pairs + gamma * (-pc.sum()) / n_sft
+        return total, dict(dpo_loss=losses.sum(), sft_loss=-pc.sum(), chosen_rewards=rc.sum(),
+                           rejected_rewards=rr.sum(), accuracies=(rc > rr).sum(),
+                           margins=(rc - rr).sum(), chosen_logps=pc.sum(),
+                           rejected_logps=pr.sum())
+
+      (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+      aux['loss'] = loss
+      return jax.tree.map(jnp.add, grads, g), aux
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    grads, out = jax.lax.scan(micro, zeros, batch)
+    out = jax.tree.map(jnp.sum, out)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics = {'loss': out['loss'], 'dpo_loss': out['dpo_loss'] / n_pairs,
+               'sft_loss': out['sft_loss'] / n_sft, 'grad_norm': optax.tree.norm(grads),
+               'rewards/chosen': out['chosen_rewards'] / n_pairs,
+               'rewards/rejected': out['rejected_rewards'] / n_pairs,
+               'rewards/margins': out['margins'] / n_pairs,
+               'rewards/accuracies': out['accuracies'] / n_pairs,
+               'logps/chosen': out['chosen_logps'] / n_pairs,
+               'logps/rejected': out['rejected_logps'] / n_pairs}
+    if schedule is not None:
+      metrics['lr'] = schedule(state.step)
+    return TrainState(step=state.step + 1, params=merge_params(trainable, frozen),
+                      opt_state=opt_state), metrics
+
+  return step
+
+
+def jit_dpo_step(step_fn, state_shardings, param_shardings, mesh, batch_ndim: dict):
+  """jit with shardings; `param_shardings` places the reference (None when precomputed)."""
+  batch_sh = {k: NamedSharding(mesh, shd.batch_spec(mesh, nd, leading_accum=True))
+              for k, nd in batch_ndim.items()}
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, param_shardings),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+def precompute_reference_logps(model, ref_params, batch):
+  """One pass of the reference over a preference batch [b, ...] -> the batch with
+  ref_chosen_logps / ref_rejected_logps [b] (jit it; used with reference='precomputed')."""
+  logps, _ = completion_logps(model, ref_params, concat_sides(batch))
+  c, r = _split(logps)
+  return dict(batch, ref_chosen_logps=c, ref_rejected_logps=r)
+
+
+def preference_eval_step(model):
+  """(params, batch [b, ...]) -> sums: pairs, ranked (log pi(chosen) > log pi(rejected))."""
+
+  def fn(params, batch):
+    logps, _ = completion_logps(model, params, concat_sides(batch))
+    c, r = _split(logps)
+    return dict(pairs=jnp.float32(c.shape[0]), ranked=(c > r).sum().astype(jnp.float32))
+
+  return fn
