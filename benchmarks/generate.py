@@ -40,6 +40,8 @@ def main(argv=None):
   p.add_argument('--new-tokens', type=int, default=64)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--quick', action='store_true')
+  p.add_argument('--scan-too', action='store_true',
+                 help="also time layer_loop='scan' (the TPU/GPU default) in the same run")
   args = p.parse_args(argv)
   if args.quick:
     args.new_tokens, args.repeats = 16, 1
@@ -80,9 +82,9 @@ def main(argv=None):
     t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
     t_px = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
 
-    def ours(n):
+    def ours(n, layer_loop='auto'):
       return lambda: np.asarray(mllm_jax.generate(model, params, ids, mask, pixels,
-                                                  max_new_tokens=n))
+                                                  max_new_tokens=n, layer_loop=layer_loop))
 
     def theirs(n):
       def run():
@@ -95,7 +97,10 @@ def main(argv=None):
     n = args.new_tokens
     same = np.array_equal(ours(n)(), theirs(n)()[:, PROMPT_LEN:].numpy())
     row = {}
-    for name, make in (('mllm_jax', ours), ('transformers', theirs)):
+    runs = [('mllm_jax', ours), ('transformers', theirs)]
+    if args.scan_too:
+      runs.append(('mllm_jax scan', lambda n: ours(n, 'scan')))
+    for name, make in runs:
       t1, tn = timed(make(1), args.repeats), timed(make(n), args.repeats)
       row[name] = dict(prefill=batch * PROMPT_LEN / t1, decode=batch * (n - 1) / (tn - t1))
       print(f'batch {batch} {name}: prefill {row[name]["prefill"]:.0f} tokens/s '

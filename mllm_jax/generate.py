@@ -77,7 +77,7 @@ def diffusion_noise(pixel_values, rng, step: int, num_steps: int = 1000):
 # ----------------------------------------------------------------------------------------------
 def _generate(model, params, input_ids, attention_mask, pixel_values, rng, *, max_new_tokens,
               cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id, vcd_alpha,
-              vcd_beta, vcd_noise_step):
+              vcd_beta, vcd_noise_step, layer_loop):
   b, t = input_ids.shape
   variables = {'params': params}
   rng, noise_rng = jax.random.split(rng)
@@ -112,13 +112,66 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, *, ma
     tokens = tokens.at[:, i].set(tok)
     done = done | jnp.isin(tok, stops)
     feed = jnp.concatenate([tok, tok], 0) if vcd_alpha > 0 else tok
-    hidden, cache = model.apply(variables, feed[:, None], None, jnp.ones((rows, 1), jnp.int32),
-                                pos[:, None], cache=cache, method='hidden_states')
+    if unrolled is None:
+      hidden, cache = model.apply(variables, feed[:, None], None, jnp.ones((rows, 1), jnp.int32),
+                                  pos[:, None], cache=cache, method='hidden_states')
+    else:
+      hidden, cache = unrolled.step(feed[:, None], pos[:, None], cache)
     return i + 1, tokens, cache, done, rng, last_logits(hidden), pos + 1
 
+  unrolled = None
+  if layer_loop == 'unrolled':
+    unrolled = UnrolledDecoder(model, params)
+    cache = unrolled.split_cache(cache)
   init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
           jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
   return jax.lax.while_loop(cond, body, init)[1]
+
+
+class UnrolledDecoder:
+  """The decode step with the layers unrolled over per-layer weights and per-layer KV caches.
+
+  In the scanned decoder every decode step dynamic-slices each layer's weights and KV cache out
+  of the stacked arrays and writes the cache back; on XLA:CPU those copies cost more than the
+  step's matmuls (BENCHMARKS.md). Here the stacked weights are split once per `generate` call
+  and each layer's cache is its own loop-carried buffer that `dynamic_update_slice` updates in
+  place. The price is a second copy of the LLM's layer weights for the duration of the call,
+  which is why `layer_loop='auto'` picks this only on CPU (TPU/GPU fuse the slices).
+  Numbers are those of the scanned decoder: the same `DecoderBlock` runs on the same weights.
+  """
+
+  def __init__(self, model, params):
+    from mllm_jax.models.llm import DecoderBlock
+    c = model.cfg
+    self.model, self.params, self.cfg = model, params, c.llm
+    self.block = DecoderBlock(c.llm, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                              attention_impl=c.attention)
+    stacked = params['llm']['layers']
+    self.layers = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(c.llm.depth)]
+
+  def split_cache(self, cache):
+    """Stacked cache (k, v [depth, ...]) -> per-layer lists."""
+    return dict(k=list(cache['k']), v=list(cache['v']), filled=cache['filled'],
+                index=cache['index'])
+
+  def step(self, ids, positions, cache):
+    """ids, positions [B, T] -> (final-normed hidden states [B, T, E], cache)."""
+    from mllm_jax.models import layers as L
+    c, variables = self.cfg, {'params': self.params}
+    t = ids.shape[1]
+    x = self.model.apply(variables, ids, method=lambda m, i: m.llm.embed(i))
+    index = cache['index']
+    filled = jax.lax.dynamic_update_slice(cache['filled'], jnp.ones(ids.shape, bool), (0, index))
+    mask = L.make_cache_mask(filled, index, t, c.sliding_window)
+    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(c.dim_per_head, c.rope_theta,
+                                                         c.rope_scaling.as_dict()))
+    ks, vs = [], []
+    for p, k, v in zip(self.layers, cache['k'], cache['v']):
+      x, kv = self.block.apply({'params': p}, x, mask, cos, sin, dict(k=k, v=v, index=index))
+      ks.append(kv['k'])
+      vs.append(kv['v'])
+    h = self.model.apply(variables, x, method=lambda m, x: m.llm.norm(x))
+    return h, dict(k=ks, v=vs, filled=filled, index=index + t)
 
 
 @functools.lru_cache(maxsize=32)
@@ -188,7 +241,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
              seed: int = 0, cache_len: int | None = None, vcd_alpha: float = 0.0,
-             vcd_beta: float = 0.1, vcd_noise_step: int = 500):
+             vcd_beta: float = 0.1, vcd_noise_step: int = 500, layer_loop: str = 'auto'):
   """New token ids int32 [B, max_new_tokens] (pad_token_id after a stop token). See module doc.
 
   Runs on whatever devices `params` live on: call it under `jax.set_mesh(mesh)` and
@@ -198,6 +251,10 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
                     else np.asarray(attention_mask, np.int32))
   cache_len = cache_len or input_ids.shape[1] + max_new_tokens
+  if layer_loop == 'auto':
+    layer_loop = 'unrolled' if jax.default_backend() == 'cpu' else 'scan'
+  if layer_loop not in ('scan', 'unrolled'):
+    raise ValueError(f"layer_loop={layer_loop!r}: expected 'auto', 'scan' or 'unrolled'")
   _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len)
   if vcd_alpha > 0 and pixel_values is None:
     raise ValueError('visual contrastive decoding (vcd_alpha > 0) needs pixel_values')
@@ -207,7 +264,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                  stop_tokens=tuple(int(s) for s in stop_tokens), pad_token_id=int(pad_token_id),
                  vcd_alpha=float(vcd_alpha), vcd_beta=float(vcd_beta),
-                 vcd_noise_step=int(vcd_noise_step))
+                 vcd_noise_step=int(vcd_noise_step), layer_loop=layer_loop)
   return fn(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
             jax.random.key(seed))
 

@@ -216,10 +216,11 @@ def make_cache_mask(filled, index, t: int, sliding_window: int = 0):
 
 
 def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.float32,
-                          causal_blocks: int = 1):
+                          causal_blocks: int = 1, kv_heads_first: bool = False):
   """Multi-head attention with grouped K/V heads.
 
-  q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H % Hkv == 0; mask: bool [B, 1, T, S] or None.
+  q: [B, T, H, D]; k, v: [B, S, Hkv, D] with H % Hkv == 0 ([B, Hkv, S, D] with
+  `kv_heads_first`, the KV cache's layout); mask: bool [B, 1, T, S] or None.
   Returns [B, T, H, D]. `impl='einsum'` (default) groups the query heads per K/V head instead
   of repeating K/V and has a hand-written backward pass (`_attention`); `impl='xla'` calls
   `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
@@ -231,7 +232,9 @@ def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.floa
   fewer values; their outputs are never attended to or trained on.
   """
   b, t, h, d = q.shape
-  s, hkv = k.shape[1], k.shape[2]
+  if kv_heads_first and impl == 'xla':
+    k, v, kv_heads_first = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), False
+  s, hkv = (k.shape[2], k.shape[1]) if kv_heads_first else (k.shape[1], k.shape[2])
   scale = d ** -0.5
   if impl == 'xla':
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale).astype(dtype)
@@ -240,7 +243,7 @@ def dot_product_attention(q, k, v, mask, *, impl: str = 'einsum', dtype=jnp.floa
   # [B, Hkv, G, T, D] against [B, Hkv, S, D]: batched matmuls over (B, Hkv) with the grouped
   # query rows (G, T) as one contiguous M dimension, so no score-sized transposes are needed.
   qg = q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4)
-  kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  kt, vt = (k, v) if kv_heads_first else (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
   m = None if mask is None else mask[:, :, None]                 # [B, 1, 1, T, S]
   n = causal_blocks if (causal_blocks > 1 and t == s) else 1
   bounds = [round(t * i / n) for i in range(n + 1)]

@@ -43,9 +43,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask, cos, sin, kv=None):
-    """`kv` (generation): dict(k, v [B, L, Hkv, D], index int32) - the new keys/values are
+    """`kv` (generation): dict(k, v [B, Hkv, L, D], index int32) - the new keys/values are
     written at slots [index, index + T) and the queries attend to all L slots (`mask` is then
-    [B, 1, T, L]). Returns the output, and the updated `kv` (None without a cache)."""
+    [B, 1, T, L]). Returns the output, and the updated `kv` (None without a cache). The cache
+    keeps heads before slots, the layout the score matmul reads, so a decode step never
+    transposes the cached keys."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     q = L.DenseGeneral((c.heads, c.dim_per_head), ('embed', 'heads', 'head_dim'),
@@ -58,12 +60,12 @@ class Attention(nn.Module):
     k = L.constrain(L.apply_rope(k, cos, sin), ('act_batch', 'act_length', 'act_kv_heads', None))
     v = L.constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
     if kv is not None:
-      at = (0, kv['index'], 0, 0)
-      k = jax.lax.dynamic_update_slice(kv['k'], k.astype(kv['k'].dtype), at)
-      v = jax.lax.dynamic_update_slice(kv['v'], v.astype(kv['v'].dtype), at)
+      at = (0, 0, kv['index'], 0)
+      k = jax.lax.dynamic_update_slice(kv['k'], k.transpose(0, 2, 1, 3).astype(kv['k'].dtype), at)
+      v = jax.lax.dynamic_update_slice(kv['v'], v.transpose(0, 2, 1, 3).astype(kv['v'].dtype), at)
       kv = dict(k=k, v=v, index=kv['index'])
     out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
-                                  causal_blocks=self.blocks)
+                                  causal_blocks=self.blocks, kv_heads_first=kv is not None)
     return L.DenseGeneral(c.hidden, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
                           name='o_proj', **kw)(out), kv
 
@@ -171,9 +173,9 @@ class Decoder(nn.Module):
     return self.norm(x), dict(k=kv['k'], v=kv['v'], filled=filled, index=index + t)
 
   def init_cache(self, batch: int, length: int):
-    """Empty KV cache: k, v [depth, B, L, Hkv, D] (compute dtype), filled [B, L], index 0."""
+    """Empty KV cache: k, v [depth, B, Hkv, L, D] (compute dtype), filled [B, L], index 0."""
     c = self.cfg
-    shape = (c.depth, batch, length, c.num_kv_heads, c.dim_per_head)
+    shape = (c.depth, batch, c.num_kv_heads, length, c.dim_per_head)
     return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                 filled=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
