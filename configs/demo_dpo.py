@@ -25,7 +25,7 @@ def get_config():
   c = _demo.get_config()
   c.unlock()
   c.train.stages = 'pretrain,sft,dpo'
-  c.dpo = stage_config(task='dpo', trainable='(connector|llm)/.*', steps=150, batch_size=32,
+  c.dpo = stage_config(task='dpo', trainable='(connector|llm)/.*', steps=300, batch_size=32,
                        lr=1e-4, warmup_ratio=0.1, weight_decay=0.0)
   # Insight-V's shipped weights: alpha * DPO + gamma * SFT(chosen) with alpha = gamma = 1
   c.dpo.preference.update(beta=0.1, loss_type='sigmoid', alpha=1.0, gamma=1.0)
