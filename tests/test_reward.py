@@ -226,3 +226,31 @@ def test_checkpoint_with_another_layout_is_a_clear_error(setup, tmp_path):
   rm = reward.from_policy(f, str(tmp_path / 'policy'), jax.random.key(1))
   np.testing.assert_array_equal(rm['llm']['norm']['scale'], params['llm']['norm']['scale'])
   assert rm['score']['kernel'].shape == (32, 1)
+
+
+def test_reward_entry_point_trains_from_a_policy_saves_and_reruns(setup, tmp_path):
+  """`python -m mllm_jax.train.reward`'s function: from a saved policy, a few steps, metrics,
+  the model in WORKDIR/reward/model; a rerun reports the saved model instead of retraining."""
+  import json
+  import os
+  from mllm_jax.config import load_config
+  model, task, _ = setup
+  policy = steps.StateFactory(MLLM(model.cfg), mesh1(), shd.logical_rules('fsdp'))
+  pretrained.save_params(str(tmp_path / 'policy'), policy.model,
+                         policy.init_params(jax.random.key(0)))
+  task.tokenizer.save_pretrained(str(tmp_path / 'tok'))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = {'model.init_from': str(tmp_path / 'policy'), 'data.tokenizer': str(tmp_path / 'tok'),
+          'data.max_len': 48, 'reward.steps': 3, 'reward.batch_size': 8, 'train.log_every': 1,
+          'train.eval_examples': 16, 'train.eval_batch_size': 16}
+  config = load_config(os.path.join(root, 'configs', 'demo_reward.py'), over)
+  res = reward.train_reward(config, str(tmp_path / 'run'))
+  with open(tmp_path / 'run' / 'reward' / 'metrics.jsonl') as f:
+    lines = [json.loads(l) for l in f]
+  assert [l['step'] for l in lines if 'loss' in l] == [1, 2, 3]
+  assert [l['step'] for l in lines if 'eval/accuracy' in l] == [0, 3]
+  for k in ('rewards/chosen', 'rewards/rejected', 'accuracy', 'lr'):
+    assert np.isfinite(lines[-2][k])
+  assert 0 <= res['eval/accuracy'] <= 1
+  again = reward.train_reward(config, str(tmp_path / 'run'))
+  assert again == res
