@@ -407,8 +407,8 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
       print(f'Round {r}: no pairs, the policy is unchanged')
     after = evaluate(policy)
     pretrained.save_params(os.path.join(rdir, 'policy'), factory.model, policy)
-    m = {'round': r, 'start_policy': os.path.relpath(start, workdir)
-         if start.startswith(os.path.abspath(workdir)) else start,
+    inside = os.path.abspath(start).startswith(os.path.abspath(workdir) + os.sep)
+    m = {'round': r, 'start_policy': os.path.relpath(start, workdir) if inside else start,
          **counts, 'dpo_steps': n_steps, 'train': train_metrics, 'eval_before': before,
          'eval_after': after, 'seconds': time.time() - t0}
     _write_json(os.path.join(rdir, 'metrics.json'), m)
