@@ -126,6 +126,12 @@ def saved_model_config(path: str):
   return loop.model_config(config, loop.load_tokenizer(config, workdir)), tok_dir
 
 
+def _saved_tree(directory: str) -> dict:
+  """The parameter tree (array metadata: shape, dtype) of an orbax pytree directory."""
+  from etils import epath
+  return dict(ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree)
+
+
 def check_layout(path: str, saved: dict, abstract_params):
   """Saved parameter tree (orbax metadata) vs the model's: an error naming `path`, the first
   mismatching key and how many differ (never an orbax traceback about tree structures)."""
@@ -151,14 +157,13 @@ def restore_params(path: str, abstract_params):
   whose tree or shapes differ from `abstract_params` is a `CheckpointError` (`check_layout`)."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):
     params_dir = os.path.join(path, 'params')
-    check_layout(path, ocp.PyTreeCheckpointer().metadata(params_dir).item_metadata.tree,
-                 abstract_params)
+    check_layout(path, _saved_tree(params_dir), abstract_params)
     return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
   step_dir = _train_step_dir(path)
   if step_dir is None:
     raise CheckpointError(f'{path}: neither a params checkpoint nor a training checkpoint')
-  saved = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, 'state')).item_metadata.tree
-  check_layout(step_dir, saved.get('params', {}), abstract_params)
+  check_layout(step_dir, _saved_tree(os.path.join(step_dir, 'state')).get('params', {}),
+               abstract_params)
   args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
                                                      dtype=s.dtype), abstract_params)
   out = ocp.PyTreeCheckpointer().restore(

@@ -306,6 +306,9 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
     batch_scorer = reward_model_scorer(it.reward_model, tokenizer, mesh, rules,
                                        config.data.max_len, config.data.image_norm,
                                        it.generate_batch)
+  if mcfg.vision is None or mcfg.image_grid_pinpoints:
+    raise ValueError(f'{start}: the iterative driver samples on the built-in scenes task, which '
+                     'needs a model with a single-tile vision tower')
   sc = config.dpo
   shd.check_batch_divisible(sc.batch_size // sc.grad_accum, mesh,
                             f'config.dpo.batch_size / config.dpo.grad_accum')
