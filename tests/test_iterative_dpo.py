@@ -80,6 +80,7 @@ def longer_is_better(prompt, response, sample):
   return float(len(response))
 
 
+@pytest.mark.slow
 def test_two_rounds_end_to_end_and_resume_at_round_2(start, tmp_path, capsys):
   a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
   hist = it.run(_config(start), a, scorer=longer_is_better)

@@ -16,8 +16,9 @@ rejected go through ONE forward, concatenated on the batch axis (images repeated
     python -m mllm_jax.train.reward --config configs/demo_reward.py --workdir DIR
 
 trains one on the built-in preference pairs (`mllm_jax/data/preference.py`) starting from an SFT
-model (`--config.model.init_from=DIR`, or the config's pretrain + sft stages run first in
-DIR/sft) and reports held-out pairwise accuracy (pairs with r(chosen) > r(rejected)).
+model (`--config.model.init_from=DIR`: a training workdir or params checkpoint - convert an HF
+directory with `python -m mllm_jax.convert` first -, or the config's pretrain + sft stages run
+first in DIR/sft) and reports held-out pairwise accuracy (pairs with r(chosen) > r(rejected)).
 """
 from __future__ import annotations
 
