@@ -35,6 +35,7 @@ def get_config():
       scorer='exact_match',     # 'exact_match' | 'reward_model' | 'package.module:function'
       reward_model='',          # scorer='reward_model': a mllm_jax.train.reward model dir
       epochs=2.0,               # passes over a round's pairs when config.dpo.steps == 0
+      eval_prompts=512,         # held-out questions answered greedily after each round
   ))
   # Per round, as Insight-V's iterative DPO: sigmoid loss, beta 0.1, alpha 1 x DPO + gamma 1 x
   # SFT(chosen); the reference is the round's starting policy.

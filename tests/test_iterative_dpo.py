@@ -71,7 +71,8 @@ def _config(start, **over):
        'iterative.rounds': 2, 'iterative.prompts_per_round': 8,
        'iterative.samples_per_prompt': 4, 'iterative.generate_batch': 32,
        'iterative.max_new_tokens': 4, 'dpo.batch_size': 8, 'dpo.steps': 2,
-       'train.eval_examples': 16, 'train.eval_batch_size': 16, 'train.log_every': 1}
+       'train.eval_examples': 16, 'train.eval_batch_size': 16, 'train.log_every': 1,
+       'iterative.eval_prompts': 8}
   o.update(over)
   return load_config(os.path.join(ROOT, 'configs', 'demo_iterative_dpo.py'), o)
 
@@ -96,7 +97,7 @@ def test_two_rounds_end_to_end_and_resume_at_round_2(start, tmp_path, capsys):
       assert p['chosen_score'] > p['rejected_score'] and p['chosen'] != p['rejected']
       assert len(p['chosen']) == p['chosen_score']
     assert m['dpo_steps'] == 2 and np.isfinite(m['train']['loss'])
-    for k in ('preference_accuracy', 'vqa_accuracy'):
+    for k in ('preference_accuracy', 'vqa_accuracy', 'generated_accuracy'):
       assert 0 <= m['eval_after'][k] <= 1
     assert os.path.isdir(os.path.join(d, 'policy', 'params'))
   assert hist[1]['start_policy'] == os.path.join('round_1', 'policy')

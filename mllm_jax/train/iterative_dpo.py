@@ -24,8 +24,9 @@ the scenes sample index), scores.jsonl (every response and its score), policy/ (
 policy) and metrics.json (written last: a round is finished exactly when it exists). A rerun
 resumes at the first unfinished round (a round is the unit of resumption: an interrupted round
 is redone, from its saved pairs if they were written). Each round reports the held-out
-preference accuracy (built-in eval pairs ranked right by log pi) and VQA accuracy before and
-after its DPO.
+preference accuracy (built-in eval pairs ranked right by log pi), the VQA accuracy (teacher
+forced) and the accuracy of the policy's greedy answers to `eval_prompts` held-out questions
+(exact match: what the rounds optimise), before and after its DPO.
 
 The starting policy is `config.model.init_from` (a training workdir, params checkpoint or
 HF directory), else the config's stages (e.g. pretrain,sft) trained first in WORKDIR/sft.
@@ -160,11 +161,14 @@ def prompt_ids(tokenizer, sample, num_image_tokens: int) -> np.ndarray:
 
 
 def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tuple,
-                     num_image_tokens: int) -> list[list[str]]:
-  """`it.samples_per_prompt` responses (text) per sample, from batches of `it.generate_batch`
-  rows; row chunk c is sampled with a seed drawn from (*seed, c)."""
+                     num_image_tokens: int, k: int | None = None,
+                     temperature: float | None = None) -> list[list[str]]:
+  """`k` (default `it.samples_per_prompt`) responses (text) per sample at `temperature`
+  (default `it.temperature`; 0 = greedy), from batches of `it.generate_batch` rows; row chunk
+  c is sampled with a seed drawn from (*seed, c)."""
   factory, params = policy
-  k = it.samples_per_prompt
+  k = it.samples_per_prompt if k is None else k
+  temperature = it.temperature if temperature is None else temperature
   mean, std = image_utils.NORMALIZATION[image_norm]
   stops = tok_lib.stop_token_ids(tokenizer)
   rows = [(i, s) for i, s in enumerate(samples) for _ in range(k)]
@@ -187,7 +191,7 @@ def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tupl
         pixels[r, 0] = s.images[0]
       new = np.asarray(gen.generate(
           factory.model, params, ids, mask, image_utils.normalize(pixels, mean, std),
-          max_new_tokens=it.max_new_tokens, temperature=it.temperature, top_k=it.top_k,
+          max_new_tokens=it.max_new_tokens, temperature=temperature, top_k=it.top_k,
           top_p=it.top_p, stop_tokens=stops, pad_token_id=tokenizer.pad_token_id,
           seed=int(np.random.SeedSequence([*seed, c]).generate_state(1)[0] >> 1)))
       for r, (i, _) in enumerate(chunk):
@@ -321,10 +325,19 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   mask = factory.mask(sc.trainable, 'config.dpo.trainable')
   compiled: dict = {}
 
+  held_out = [prompt_sample(i, 'eval', config.seed, v.image_size) for i in range(it.eval_prompts)]
+
   def evaluate(params):
     res = loop.evaluate(config, factory, params, eval_task, mesh, rules)
-    return {'preference_accuracy': res['eval/preference_accuracy'],
-            'vqa_accuracy': res['eval/accuracy']}
+    out = {'preference_accuracy': res['eval/preference_accuracy'],
+           'vqa_accuracy': res['eval/accuracy']}
+    if held_out:   # what the rounds optimise: answers the policy generates (greedy) are right
+      answers = sample_responses((factory, params), tokenizer, held_out, it,
+                                 config.data.image_norm, (config.seed,), v.num_tokens, k=1,
+                                 temperature=0.0)
+      out['generated_accuracy'] = float(np.mean(
+          [exact_match('', a[0], s) for a, s in zip(answers, held_out)]))
+    return out
 
   before = None
   for r in range(1, it.rounds + 1):
@@ -342,8 +355,8 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
     policy = pretrained.restore_params(start, factory.abstract_params)
     if before is None:
       before = evaluate(policy)
-      print(f"Starting policy ({start}): held-out preference accuracy "
-            f"{before['preference_accuracy']:.4f}, VQA accuracy {before['vqa_accuracy']:.4f}")
+      print(f'Starting policy ({start}): held-out ' +
+            ', '.join(f'{k_.replace("_", " ")} {x:.4f}' for k_, x in before.items()))
     pairs_path = os.path.join(rdir, 'pairs.jsonl')
     counts_path = os.path.join(rdir, 'counts.json')
     if os.path.exists(pairs_path) and os.path.exists(counts_path):
@@ -416,14 +429,18 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
          'eval_after': after, 'seconds': time.time() - t0}
     _write_json(os.path.join(rdir, 'metrics.json'), m)
     history.append(m)
-    print(f"Round {r}: held-out preference accuracy {before['preference_accuracy']:.4f} -> "
-          f"{after['preference_accuracy']:.4f}, VQA accuracy {before['vqa_accuracy']:.4f} -> "
-          f"{after['vqa_accuracy']:.4f} ({m['seconds']:.0f}s)")
+    print(f'Round {r}: held-out ' + ', '.join(
+        f'{k_.replace("_", " ")} {before[k_]:.4f} -> {after[k_]:.4f}' for k_ in after) +
+        f" ({m['seconds']:.0f}s)")
     before, start = after, os.path.join(rdir, 'policy')
-  print('round  pairs  mean score  preference acc  VQA acc')
-  for m in history:
-    print(f"{m['round']:5d}  {m['pairs']:5d}  {m['mean_score']:10.3f}  "
-          f"{m['eval_after']['preference_accuracy']:14.4f}  {m['eval_after']['vqa_accuracy']:7.4f}")
+  print('held-out after each round (round 0: the starting policy); mean score: the sampled '
+        "responses of the round's starting policy")
+  print('round  pairs  mean score  preference acc  VQA acc  generated acc')
+  rows = [(0, '', '', history[0]['eval_before'])] if history else []
+  rows += [(m['round'], m['pairs'], f"{m['mean_score']:.3f}", m['eval_after']) for m in history]
+  for r, n, score, e in rows:
+    print(f"{r:5d}  {n:>5}  {score:>10}  {e['preference_accuracy']:14.4f}  "
+          f"{e['vqa_accuracy']:7.4f}  {e.get('generated_accuracy', float('nan')):13.4f}")
   return history
 
 
