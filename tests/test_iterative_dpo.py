@@ -1,7 +1,6 @@
 """Iterative DPO driver: scoring, pair building (ties, identical responses, chosen == rejected
 records), two tiny rounds end to end with a user scorer, resumption at round 2 giving the same
 pairs, and the reward-model scorer."""
-import json
 import os
 import shutil
 

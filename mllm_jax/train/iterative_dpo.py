@@ -315,7 +315,7 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
                      'needs a model with a single-tile vision tower')
   sc = config.dpo
   shd.check_batch_divisible(sc.batch_size // sc.grad_accum, mesh,
-                            f'config.dpo.batch_size / config.dpo.grad_accum')
+                            'config.dpo.batch_size / config.dpo.grad_accum')
   v = mcfg.vision
   eval_task = loop.make_task(config, tokenizer, mcfg, 'dpo', 'eval')
   task_kw = dict(split='train', seed=config.seed, image_size=v.image_size,

@@ -311,8 +311,9 @@ def load_reward_hf(path: str, dtype=jnp.float32):
     import safetensors.numpy
     w = safetensors.numpy.load_file(head)
     if SCORE_KEY not in w or w[SCORE_KEY].shape != (1, model.cfg.llm.hidden):
+      got = {k: list(v.shape) for k, v in w.items()}
       raise CheckpointError(f'{head}: expected {SCORE_KEY} of shape [1, '
-                            f'{model.cfg.llm.hidden}], got {({k: list(v.shape) for k, v in w.items()})}')
+                            f'{model.cfg.llm.hidden}], got {got}')
     params = dict(params, score={'kernel': jnp.asarray(w[SCORE_KEY].T, dtype)})
     return RewardModel(model.cfg), params
   if not any(a in SEQ_CLS.values() for a in archs):
