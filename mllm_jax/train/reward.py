@@ -393,10 +393,9 @@ def train_reward(config, workdir: str) -> dict:
           f"{res['eval/accuracy']:.4f}")
     return res
   ckpt = Checkpointer(os.path.join(out_dir, 'checkpoints'), config.train.keep_checkpoints)
-  writer = MetricsWriter(out_dir, resume_step=(ckpt.latest() or RunPosition('', 0, 0, 0, 0)
-                                                ).global_step or None)
+  pos = ckpt.latest()
+  writer = MetricsWriter(out_dir, resume_step=pos.global_step if pos else None)
   try:
-    pos = ckpt.latest()
     if pos is None:
       state = factory.create_state(from_policy(factory, start_path, jax.random.key(config.seed)),
                                    tx, mask)
