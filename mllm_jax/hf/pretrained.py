@@ -126,14 +126,44 @@ def saved_model_config(path: str):
   return loop.model_config(config, loop.load_tokenizer(config, workdir)), tok_dir
 
 
+def _saved_tree(directory: str) -> dict:
+  """The parameter tree (array metadata: shape, dtype) of an orbax pytree directory."""
+  from etils import epath
+  return dict(ocp.PyTreeCheckpointHandler().metadata(epath.Path(directory)).tree)
+
+
+def check_layout(path: str, saved: dict, abstract_params):
+  """Saved parameter tree (orbax metadata) vs the model's: an error naming `path`, the first
+  mismatching key and how many differ (never an orbax traceback about tree structures)."""
+  flat_s = flax.traverse_util.flatten_dict(saved, sep='/')
+  flat_m = flax.traverse_util.flatten_dict(abstract_params, sep='/')
+  diff = []
+  for k in sorted(set(flat_s) | set(flat_m)):
+    if k not in flat_s:
+      diff.append(f'{k}: in the model, not in the checkpoint')
+    elif k not in flat_m:
+      diff.append(f'{k}: in the checkpoint, not in the model')
+    elif tuple(flat_s[k].shape) != tuple(flat_m[k].shape):
+      diff.append(f'{k}: checkpoint shape {list(flat_s[k].shape)}, model shape '
+                  f'{list(flat_m[k].shape)}')
+  if diff:
+    raise CheckpointError(f'{path}: its parameter layout differs from the model\'s in '
+                          f'{len(diff)} key(s); first: {diff[0]}')
+
+
 def restore_params(path: str, abstract_params):
   """Params from a convert checkpoint or a training run (latest step; params only, no
-  optimiser state), placed as the sharded ShapeDtypeStructs `abstract_params`."""
+  optimiser state), placed as the sharded ShapeDtypeStructs `abstract_params`. A checkpoint
+  whose tree or shapes differ from `abstract_params` is a `CheckpointError` (`check_layout`)."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):
-    return ocp.StandardCheckpointer().restore(os.path.join(path, 'params'), abstract_params)
+    params_dir = os.path.join(path, 'params')
+    check_layout(path, _saved_tree(params_dir), abstract_params)
+    return ocp.StandardCheckpointer().restore(params_dir, abstract_params)
   step_dir = _train_step_dir(path)
   if step_dir is None:
     raise CheckpointError(f'{path}: neither a params checkpoint nor a training checkpoint')
+  check_layout(step_dir, _saved_tree(os.path.join(step_dir, 'state')).get('params', {}),
+               abstract_params)
   args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding, global_shape=s.shape,
                                                      dtype=s.dtype), abstract_params)
   out = ocp.PyTreeCheckpointer().restore(

@@ -1,0 +1,159 @@
+"""Iterative DPO driver: scoring, pair building (ties, identical responses, chosen == rejected
+records), two tiny rounds end to end with a user scorer, resumption at round 2 giving the same
+pairs, and the reward-model scorer."""
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from mllm_jax import sharding as shd
+from mllm_jax.config import load_config
+from mllm_jax.data import tokenizer as tok_lib
+from mllm_jax.hf import pretrained
+from mllm_jax.models import MLLM, MLLMConfig
+from mllm_jax.train import iterative_dpo as it, reward, steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_exact_match_scorer():
+  s = it.prompt_sample(3, 'train', 0, None)
+  answer = s.messages[1]['content']
+  assert len(s.messages) == 2 and s.messages[0]['content'].startswith('<image>\n')
+  assert it.exact_match('', answer, s) == 1.0
+  assert it.exact_match('', f' {answer.upper()}. ', s) == 1.0
+  assert it.exact_match('', answer + ' maybe', s) == 0.0
+  assert it.load_scorer('exact_match') is it.exact_match
+  assert it.load_scorer('mllm_jax.train.iterative_dpo:normalise') is it.normalise
+  with pytest.raises(ValueError, match='config.iterative.scorer'):
+    it.load_scorer('nonsense')
+
+
+def test_pairs_are_best_vs_worst_and_ties_and_identical_responses_are_counted():
+  g = lambda i, responses, scores: dict(id=f'p{i}', split='train', sample=i, prompt=f'q{i}',
+                                        responses=responses, scores=scores)
+  pairs, counts = it.build_pairs([
+      g(0, ['a', 'b', 'c', 'd'], [0.0, 2.0, 2.0, 0.0]),   # first best b, first worst a
+      g(1, ['a', 'b', 'c'], [1.0, 1.0, 1.0]),             # tie
+      g(2, ['x', 'x', 'y'], [1.0, 0.0, 1.0]),             # the worst is the best's text: skipped
+      g(3, ['x', 'z', 'x'], [3.0, 1.0, 1.0]),             # worst with a different text: z
+  ])
+  assert counts == {'prompts': 4, 'ties': 1, 'identical': 1, 'pairs': 2}
+  assert [(p['id'], p['chosen'], p['rejected']) for p in pairs] == [('p0', 'b', 'a'),
+                                                                    ('p3', 'x', 'z')]
+  assert pairs[1]['chosen_score'] == 3.0 and pairs[1]['rejected_score'] == 1.0
+
+
+@pytest.fixture(scope='module')
+def start(tmp_path_factory):
+  """A tiny random policy saved as a params checkpoint, and the demo tokenizer."""
+  base = tmp_path_factory.mktemp('start')
+  tok = tok_lib.get_or_build_demo_tokenizer(str(base / 'tokenizer'))
+  cfg = MLLMConfig.from_dict(dict(
+      llm=dict(vocab_size=-(-len(tok) // 8) * 8, hidden=32, depth=1, heads=4, kv_heads=2,
+               mlp_dim=64, max_position=128),
+      vision=dict(kind='clip', image_size=16, patch_size=8, width=16, depth=1, heads=2,
+                  mlp_dim=32, feature_layer=-1),
+      image_token_id=tok.convert_tokens_to_ids('<image>')))
+  model = MLLM(cfg)
+  factory = steps.StateFactory(model, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+                               shd.logical_rules('dp'))
+  pretrained.save_params(str(base / 'policy'), model, factory.init_params(jax.random.key(0)))
+  return str(base / 'policy'), str(base / 'tokenizer'), tok
+
+
+def _config(start, **over):
+  path, tok_dir, _ = start
+  o = {'model.init_from': path, 'data.tokenizer': tok_dir, 'data.max_len': 48,
+       'iterative.rounds': 2, 'iterative.prompts_per_round': 8,
+       'iterative.samples_per_prompt': 4, 'iterative.generate_batch': 32,
+       'iterative.max_new_tokens': 4, 'dpo.batch_size': 8, 'dpo.steps': 2,
+       'train.eval_examples': 16, 'train.eval_batch_size': 16, 'train.log_every': 1,
+       'iterative.eval_prompts': 8}
+  o.update(over)
+  return load_config(os.path.join(ROOT, 'configs', 'demo_iterative_dpo.py'), o)
+
+
+def longer_is_better(prompt, response, sample):
+  return float(len(response))
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end_and_resume_at_round_2(start, tmp_path, capsys):
+  a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
+  hist = it.run(_config(start), a, scorer=longer_is_better)
+  assert [m['round'] for m in hist] == [1, 2]
+  for r, m in enumerate(hist, 1):
+    d = it.round_dir(a, r)
+    pairs = it.read_jsonl(os.path.join(d, 'pairs.jsonl'))
+    groups = it.read_jsonl(os.path.join(d, 'scores.jsonl'))
+    assert len(groups) == 8 and all(len(g['responses']) == 4 for g in groups)
+    assert m['pairs'] == len(pairs) > 0 and m['samples'] == 32
+    assert m['pairs'] + m['ties'] + m['identical'] == 8
+    for p in pairs:
+      assert p['chosen_score'] > p['rejected_score'] and p['chosen'] != p['rejected']
+      assert len(p['chosen']) == p['chosen_score']
+    assert m['dpo_steps'] == 2 and np.isfinite(m['train']['loss'])
+    for k in ('preference_accuracy', 'vqa_accuracy', 'generated_accuracy'):
+      assert 0 <= m['eval_after'][k] <= 1
+    assert os.path.isdir(os.path.join(d, 'policy', 'params'))
+  assert hist[1]['start_policy'] == os.path.join('round_1', 'policy')
+  assert hist[1]['eval_before'] == hist[0]['eval_after']
+  # round 2 sampled from round 1's policy: its responses differ from round 1's start
+  out = capsys.readouterr().out
+  assert 'preference acc' in out and 'Round 2: held-out preference accuracy' in out
+
+  # interrupted after round 1: a rerun resumes at round 2 with the same pairs
+  shutil.copytree(a, b)
+  shutil.rmtree(it.round_dir(b, 2))
+  hist_b = it.run(_config(start), b, scorer=longer_is_better)
+  assert 'Round 1: finished earlier' in capsys.readouterr().out
+  with open(os.path.join(it.round_dir(a, 2), 'pairs.jsonl')) as fa, \
+       open(os.path.join(it.round_dir(b, 2), 'pairs.jsonl')) as fb:
+    assert fa.read() == fb.read()
+  assert hist_b[1]['eval_after'] == hist[1]['eval_after']
+
+
+def test_pair_records_with_chosen_equal_rejected_are_counted_and_skipped(start):
+  _, _, tok = start
+  recs = []
+  for i in range(3):
+    s = it.prompt_sample(i, 'train', 0, None)
+    recs.append(dict(id=f'r{i}', split='train', sample=i, prompt=s.messages[0]['content'],
+                     chosen='red', rejected='red' if i == 1 else 'blue'))
+  task = it.PairsTask(recs, tok, image_size=16, num_image_tokens=4, max_len=48)
+  assert task.skipped == 1 and len(task) == 2
+  b = task.batch(0, 4)   # cycles over the two usable records
+  for row in range(4):
+    for side, want in (('chosen', 'red'), ('rejected', 'blue')):
+      ids = b[f'{side}_input_ids'][row][b[f'{side}_loss_mask'][row] > 0]
+      assert tok.decode(ids, skip_special_tokens=True).strip() == want
+  bad = dict(recs[0], prompt='what?')
+  with pytest.raises(ValueError, match='pair r0: its prompt'):
+    it.PairsTask([bad], tok, image_size=16, num_image_tokens=4, max_len=48).batch(0, 1)
+  with pytest.raises(ValueError, match='no usable preference pairs'):
+    it.PairsTask([recs[1]], tok, image_size=16, num_image_tokens=4, max_len=48)
+
+
+def test_reward_model_scorer_scores_each_conversation(start, tmp_path):
+  path, _, tok = start
+  mcfg, _ = pretrained.saved_model_config(path)
+  rm = reward.RewardModel(mcfg)
+  f = steps.StateFactory(rm, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+                         shd.logical_rules('dp'))
+  params = reward.from_policy(f, path, jax.random.key(1))
+  pretrained.save_params(str(tmp_path / 'rm'), rm, params)
+  score = it.reward_model_scorer(str(tmp_path / 'rm'), tok, f.mesh, f.rules, 48, 'clip', 4)
+  s = [it.prompt_sample(i, 'train', 0, 16) for i in range(3)]
+  items = [(x.messages[0]['content'], resp, x) for x, resp in zip(s, ['red', 'two', 'no'])]
+  got = score(items)
+  from mllm_jax.data import conversation, images
+  for (prompt, resp, x), g in zip(items, got):   # each conversation alone, unpadded
+    ids, _, _ = conversation.tokenize_conversation(
+        tok, [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': resp}],
+        num_image_tokens=4)
+    px = images.normalize(np.stack(x.images)[None], images.CLIP_MEAN, images.CLIP_STD)
+    want = rm.apply({'params': params}, ids[None], px)
+    np.testing.assert_allclose(g, want[0], rtol=1e-5, atol=1e-6)

@@ -1,0 +1,253 @@
+"""Reward model: Bradley-Terry check values, the last non-pad token under left and right
+padding, learning on the built-in preference pairs, 1 vs 8 devices, Hugging Face export
+parity, and checkpoint-layout errors."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+
+from mllm_jax import sharding as shd
+from mllm_jax.data import preference, tokenizer as tok_lib
+from mllm_jax.hf import CheckpointError, pretrained
+from mllm_jax.models import MLLM, MLLMConfig
+from mllm_jax.train import reward, steps
+
+
+def test_bt_loss_check_values():
+  """-log s(1) = log(1 + e^-1) = 0.3132617 (TRL's check value, components.md 5.2); a margin
+  of 0.5 leaves -log s(0.5) = 0.4740770; centring adds 0.01 * mean((1 + 0)^2)."""
+  c, r = jnp.array([1.0, 3.0]), jnp.array([0.0, 2.0])
+  np.testing.assert_allclose(reward.bt_losses(c, r), [0.3132617, 0.3132617], rtol=1e-6)
+  np.testing.assert_allclose(reward.bt_loss(c, r), 0.3132617, rtol=1e-6)
+  np.testing.assert_allclose(reward.bt_loss(c, r, margin=jnp.array([0.5, 0.5])), 0.4740770,
+                             rtol=1e-6)
+  np.testing.assert_allclose(reward.bt_loss(c[:1], r[:1], center_rewards_coefficient=0.01),
+                             0.3132617 + 0.01, rtol=1e-6)
+  np.testing.assert_allclose(reward.bt_loss(r, c), np.log1p(np.e), rtol=1e-6)   # -log s(-1)
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  tok = tok_lib.get_or_build_demo_tokenizer(str(tmp_path_factory.mktemp('tok')))
+  cfg = MLLMConfig.from_dict(dict(
+      llm=dict(vocab_size=-(-len(tok) // 8) * 8, hidden=32, depth=2, heads=4, kv_heads=2,
+               mlp_dim=64),
+      vision=dict(kind='clip', image_size=16, patch_size=8, width=16, depth=1, heads=2,
+                  mlp_dim=32, feature_layer=-1),
+      image_token_id=tok.convert_tokens_to_ids('<image>')))
+  task = preference.PreferenceTask(tok, split='train', image_size=16, num_image_tokens=4,
+                                   max_len=48)
+  eval_task = preference.PreferenceTask(tok, split='eval', image_size=16, num_image_tokens=4,
+                                        max_len=48)
+  return reward.RewardModel(cfg), task, eval_task
+
+
+def mesh1():
+  return shd.make_mesh({'fsdp': 1}, devices=jax.devices()[:1])
+
+
+def _factory(model, mesh):
+  return steps.StateFactory(model, mesh, shd.logical_rules('fsdp_tp'))
+
+
+def test_params_are_the_policy_layout_plus_a_score_head(setup):
+  model, _, _ = setup
+  f = _factory(model, mesh1())
+  policy = steps.StateFactory(MLLM(model.cfg), mesh1(), shd.logical_rules('fsdp'))
+  assert set(f.abstract_params) == set(policy.abstract_params) | {'score'}
+  assert f.abstract_params['score']['kernel'].shape == (32, 1)
+  assert 'lm_head' in f.abstract_params['llm']
+
+
+def test_reward_is_read_at_the_last_non_pad_token_with_left_or_right_padding(setup):
+  model, task, _ = setup
+  params = _factory(model, mesh1()).init_params(jax.random.key(0))
+  b = task.batch(0, 3)
+  ids, mask, px = b['chosen_input_ids'], b['chosen_attention_mask'], b['pixel_values']
+  for row, cut in ((1, 3), (2, 6)):                      # rows of different lengths
+    n = mask[row].sum()
+    mask[row, n - cut:], ids[row, n - cut:] = 0, task.tokenizer.pad_token_id
+  fn = jax.jit(lambda p, **kw: model.apply({'params': p}, **kw))
+  right = fn(params, input_ids=ids, attention_mask=mask, pixel_values=px)
+  lens = mask.sum(1)
+  for row in (1, 2):     # a row alone, unpadded (rows 1 and 2 are padded in the batch)
+    n = lens[row]
+    alone = fn(params, input_ids=ids[row:row + 1, :n], attention_mask=mask[row:row + 1, :n],
+               pixel_values=px[row:row + 1])
+    np.testing.assert_allclose(right[row], alone[0], rtol=1e-5, atol=1e-6)
+  # left padding (positions counted over real tokens) and other pad ids: the same rewards
+  left_ids, left_mask = np.zeros_like(ids) + 7, np.zeros_like(mask)
+  for row, n in enumerate(lens):
+    left_ids[row, -n:], left_mask[row, -n:] = ids[row, :n], 1
+  pos = np.maximum(np.cumsum(left_mask, 1) - 1, 0)
+  left = fn(params, input_ids=left_ids, attention_mask=left_mask, pixel_values=px, positions=pos)
+  np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6)
+
+
+def _step(model, mesh, host, steps_=1, lr=1.0, tx=None, factory=None):
+  tx = tx or optax.sgd(lr)
+  f = factory or _factory(model, mesh)
+  state = f.create_state(f.init_params(jax.random.key(0)), tx, f.mask('.*', 'trainable'))
+  fn = reward.make_reward_train_step(model, tx, f.mask('.*', 'trainable'),
+                                     center_rewards_coefficient=0.01)
+  jstep = steps.jit_train_step(fn, f.state_shardings(tx, f.mask('.*', 'trainable')), mesh,
+                               {k: v.ndim - 1 for k, v in host.items()})
+  with jax.set_mesh(mesh), nn.logical_axis_rules(f.rules):
+    for _ in range(steps_):
+      state, m = jstep(state, shd.shard_batch(host, mesh, leading_accum=True))
+  return jax.device_get(m), jax.device_get(state.params)
+
+
+@pytest.mark.slow
+def test_same_reward_step_on_1_and_8_devices_and_with_accumulation(setup):
+  model, task, _ = setup
+  b = task.batch(0, 8)
+  b['margin'] = np.linspace(0, 1, 8).astype(np.float32)
+  one = {k: v[None] for k, v in b.items()}
+  two = {k: v.reshape((2, 4) + v.shape[1:]) for k, v in b.items()}
+  m1, p1 = _step(model, mesh1(), one)
+  m8, p8 = _step(model, shd.make_mesh({'fsdp': 4, 'tensor': 2}), one)
+  ma, pa = _step(model, mesh1(), two)
+  for m, p in ((m8, p8), (ma, pa)):
+    for k in ('loss', 'rewards/chosen', 'rewards/rejected', 'accuracy', 'grad_norm'):
+      np.testing.assert_allclose(m[k], m1[k], rtol=1e-4, atol=1e-6)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5), p, p1)
+  # the loss is the formula on the step's own rewards
+  f = _factory(model, mesh1())
+  rc, rr = jax.jit(lambda p: reward.pair_rewards(model, p, b))(f.init_params(jax.random.key(0)))
+  want = reward.bt_loss(rc, rr, b['margin'], center_rewards_coefficient=0.01)
+  np.testing.assert_allclose(m1['loss'], want, rtol=1e-5)
+  np.testing.assert_allclose(m1['rewards/chosen'], rc.mean(), rtol=1e-5)
+
+
+class ShoutedRejected(preference.PreferenceTask):
+  """A separable toy preference on the built-in pairs: the rejected answer is written in
+  capitals (other tokens), so the preference is learnable from text alone in a few steps."""
+
+  def pair(self, index):
+    s, chosen, rejected = super().pair(index)
+    return s, chosen, rejected.upper()
+
+
+def test_training_raises_held_out_pairwise_accuracy(setup):
+  model, task, _ = setup
+  tok = task.tokenizer
+  kw = dict(image_size=16, num_image_tokens=4, max_len=48)
+  train, held_out = ShoutedRejected(tok, split='train', **kw), ShoutedRejected(tok, split='eval',
+                                                                               **kw)
+  mesh = mesh1()
+  f = _factory(model, mesh)
+  tx = optax.adam(3e-3)
+  mask = f.mask(reward.DEFAULT_TRAINABLE, 'trainable')
+  state = f.create_state(f.init_params(jax.random.key(0)), tx, mask)
+  before = reward.evaluate_rewards(f, state.params, held_out, 128, 64)
+  fn = reward.make_reward_train_step(model, tx, mask)
+  jstep = None
+  with jax.set_mesh(mesh), nn.logical_axis_rules(f.rules):
+    for s in range(20):
+      host = {k: v[None] for k, v in train.batch(s * 16, 16).items()}
+      if jstep is None:
+        jstep = steps.jit_train_step(fn, f.state_shardings(tx, mask), mesh,
+                                     {k: v.ndim - 1 for k, v in host.items()})
+      state, m = jstep(state, shd.shard_batch(host, mesh, leading_accum=True))
+  after = reward.evaluate_rewards(f, state.params, held_out, 128, 64)
+  print('held-out pairwise accuracy', before['eval/accuracy'], '->', after['eval/accuracy'])
+  assert before['eval/accuracy'] < 0.8 and after['eval/accuracy'] >= 0.95
+  assert after['eval/rewards/chosen'] > after['eval/rewards/rejected']
+  assert after['eval/bt_loss'] < 0.5 * before['eval/bt_loss']
+
+
+@pytest.mark.parametrize('kind', ['llama', 'qwen2'])
+def test_sequence_classification_export_matches_transformers(kind, tmp_path):
+  cfg = MLLMConfig.from_dict(dict(
+      llm=dict(vocab_size=96, hidden=32, depth=2, heads=4, kv_heads=2, mlp_dim=48,
+               qkv_bias=kind == 'qwen2', tie_embeddings=kind == 'qwen2'), vision=None))
+  model = reward.RewardModel(cfg)
+  params = _factory(model, mesh1()).init_params(jax.random.key(3))
+  ids = np.random.RandomState(0).randint(1, 96, (3, 12)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 9:], mask[2, 5:] = 0, 0
+  ids[mask == 0] = 0                                    # pad id 0, right padding
+  ours = jax.jit(lambda p: model.apply({'params': p}, ids, attention_mask=mask))(params)
+  reward.save_reward_hf(model, params, str(tmp_path / 'hf'), pad_token_id=0)
+  hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+      tmp_path / 'hf', attn_implementation='eager').eval()
+  assert type(hf).__name__ == reward.SEQ_CLS[kind]
+  with torch.no_grad():
+    theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits[:, 0]
+  np.testing.assert_allclose(theirs.numpy(), ours, rtol=1e-4, atol=1e-5)
+  back_model, back = reward.load_reward_hf(str(tmp_path / 'hf'))
+  again = jax.jit(lambda p: back_model.apply({'params': p}, ids, attention_mask=mask))(back)
+  np.testing.assert_allclose(again, ours, rtol=1e-5, atol=1e-6)
+
+
+def test_llava_reward_export_keeps_the_head_beside_the_checkpoint(setup, tmp_path):
+  model, task, _ = setup
+  params = _factory(model, mesh1()).init_params(jax.random.key(4))
+  b = task.batch(0, 2)
+  fn = lambda m, p: jax.jit(lambda q: m.apply({'params': q}, b['chosen_input_ids'],
+                                              b['pixel_values'], b['chosen_attention_mask']))(p)
+  reward.save_reward_hf(model, params, str(tmp_path / 'llava'))
+  assert (tmp_path / 'llava' / reward.SCORE_FILE).exists()
+  transformers.AutoConfig.from_pretrained(tmp_path / 'llava')   # still a valid LLaVA config
+  back_model, back = reward.load_reward_hf(str(tmp_path / 'llava'))
+  np.testing.assert_allclose(fn(back_model, back), fn(model, params), rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_with_another_layout_is_a_clear_error(setup, tmp_path):
+  """A reward model saved as a params checkpoint restores as a reward model; restoring it as a
+  policy (or a policy of another size) names the path and the first mismatching key."""
+  model, _, _ = setup
+  f = _factory(model, mesh1())
+  params = f.init_params(jax.random.key(0))
+  pretrained.save_params(str(tmp_path / 'rm'), model, params)
+  _, back = reward.load_reward(str(tmp_path / 'rm'))
+  np.testing.assert_array_equal(back['score']['kernel'], params['score']['kernel'])
+  policy = steps.StateFactory(MLLM(model.cfg), mesh1(), shd.logical_rules('fsdp'))
+  with pytest.raises(CheckpointError, match=r'rm: .* 1 key\(s\); first: score/kernel: in the '
+                                            'checkpoint, not in the model'):
+    pretrained.restore_params(str(tmp_path / 'rm'), policy.abstract_params)
+  import dataclasses
+  wider = MLLM(dataclasses.replace(model.cfg, llm=dataclasses.replace(model.cfg.llm, mlp_dim=96)))
+  other = steps.StateFactory(wider, mesh1(), shd.logical_rules('fsdp'))
+  with pytest.raises(CheckpointError, match=r'first: llm/layers/mlp/down_proj/kernel: checkpoint '
+                                            r'shape \[2, 64, 32\], model shape \[2, 96, 32\]'):
+    pretrained.restore_params(str(tmp_path / 'rm'), other.abstract_params)
+  # a reward model starts from a policy checkpoint: everything but the fresh head restored
+  pretrained.save_params(str(tmp_path / 'policy'), policy.model,
+                         {k: v for k, v in params.items() if k != 'score'})
+  rm = reward.from_policy(f, str(tmp_path / 'policy'), jax.random.key(1))
+  np.testing.assert_array_equal(rm['llm']['norm']['scale'], params['llm']['norm']['scale'])
+  assert rm['score']['kernel'].shape == (32, 1)
+
+
+def test_reward_entry_point_trains_from_a_policy_saves_and_reruns(setup, tmp_path):
+  """`python -m mllm_jax.train.reward`'s function: from a saved policy, a few steps, metrics,
+  the model in WORKDIR/reward/model; a rerun reports the saved model instead of retraining."""
+  import json
+  import os
+  from mllm_jax.config import load_config
+  model, task, _ = setup
+  policy = steps.StateFactory(MLLM(model.cfg), mesh1(), shd.logical_rules('fsdp'))
+  pretrained.save_params(str(tmp_path / 'policy'), policy.model,
+                         policy.init_params(jax.random.key(0)))
+  task.tokenizer.save_pretrained(str(tmp_path / 'tok'))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = {'model.init_from': str(tmp_path / 'policy'), 'data.tokenizer': str(tmp_path / 'tok'),
+          'data.max_len': 48, 'reward.steps': 3, 'reward.batch_size': 8, 'train.log_every': 1,
+          'train.eval_examples': 16, 'train.eval_batch_size': 16}
+  config = load_config(os.path.join(root, 'configs', 'demo_reward.py'), over)
+  res = reward.train_reward(config, str(tmp_path / 'run'))
+  with open(tmp_path / 'run' / 'reward' / 'metrics.jsonl') as f:
+    lines = [json.loads(l) for l in f]
+  assert [l['step'] for l in lines if 'loss' in l] == [1, 2, 3]
+  assert [l['step'] for l in lines if 'eval/accuracy' in l] == [0, 3]
+  for k in ('rewards/chosen', 'rewards/rejected', 'accuracy', 'lr'):
+    assert np.isfinite(lines[-2][k])
+  assert 0 <= res['eval/accuracy'] <= 1
+  again = reward.train_reward(config, str(tmp_path / 'run'))
+  assert again == res
