@@ -110,6 +110,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self.debug_save_delay = debug_save_delay
     try:
+      os.makedirs(self.directory, exist_ok=True)
       self.manager = ocp.CheckpointManager(
           self.directory, item_names=('state', 'meta', 'data'),
           options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
@@ -147,7 +148,7 @@ class Checkpointer:
       os_err = _os_error(e)
       raise CheckpointError(
           f'could not write the checkpoint of step {pos.global_step} to {self.directory}: '
-          f'{os_err or e!r} (the previous checkpoints are intact; free space or fix the '
+          f'{os_err or e} (the previous checkpoints are intact; free space or fix the '
           'directory, then rerun the same command to resume)') from e
 
   def restore_state(self, global_step: int, abstract_state: Any):

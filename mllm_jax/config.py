@@ -73,8 +73,8 @@ def base_config() -> CD:
       # 'skip': count it (metric `skipped_steps`) and go on, but stop with an error after
       # max_consecutive_nonfinite bad steps in a row (0 = never); 'stop': error at the first.
       nonfinite='skip', max_consecutive_nonfinite=10,
-      # TEST ONLY: comma-separated global steps (as logged) whose loss is made NaN, and seconds
-      # every checkpoint save stays half-written (to kill -9 a run mid-save)
+      # TEST ONLY: comma-separated global steps (as logged) whose loss masks (so loss and
+      # gradients) are NaN; seconds each save stays half-written (to kill -9 a run mid-save)
       debug_nan_steps='', debug_save_delay=0.0,
   ))
   # Several processes (mllm_jax.distributed): 'auto' calls jax.distributed.initialize when the

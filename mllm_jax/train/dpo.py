@@ -19,7 +19,7 @@ The reference is either frozen parameters evaluated in the step without gradient
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import sharding as shd
 from mllm_jax.train.optim import merge_params, split_params
-from mllm_jax.train.steps import TrainState, guarded_update, nan_scale
+from mllm_jax.train.steps import TrainState, guarded_update
 
 LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'robust', 'conservative')
 SIDES = ('chosen', 'rejected')
@@ -90,12 +90,10 @@ def _split(x):
 def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict, *,
                         beta: float = 0.1, loss_type: str = 'sigmoid',
                         label_smoothing: float = 0.0, alpha: float = 1.0, gamma: float = 0.0,
-                        reference: str = 'model', schedule: Callable | None = None,
-                        nan_steps: Sequence[int] = ()):
+                        reference: str = 'model', schedule: Callable | None = None):
   """step(state, batch, ref_params) -> (state, metrics); batch leaves are [accum, b, ...].
 
-  Non-finite loss or gradients skip the update (`steps.guarded_update`, metric `nonfinite`);
-  `nan_steps` (test-only) makes the loss NaN at those stage-local steps.
+  Non-finite loss or gradients skip the update (`steps.guarded_update`, metric `nonfinite`).
 
   `reference='model'`: ref_params are evaluated in the step (no gradients);
   `'precomputed'`: the batch carries ref_chosen_logps / ref_rejected_logps, ref_params is None.
@@ -122,8 +120,7 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
         losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type,
                                   label_smoothing=label_smoothing, chosen_lengths=nc,
                                   rejected_lengths=nr)
-        total = (alpha * losses.sum() / n_pairs + gamma * (-pc.sum()) / n_sft) * nan_scale(
-            state.step, nan_steps)
+        total = alpha * losses.sum() / n_pairs + gamma * (-pc.sum()) / n_sft
         return total, dict(dpo_loss=losses.sum(), sft_loss=-pc.sum(), chosen_rewards=rc.sum(),
                            rejected_rewards=rr.sum(), accuracies=(rc > rr).sum(),
                            margins=(rc - rr).sum(), chosen_logps=pc.sum(),

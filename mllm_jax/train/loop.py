@@ -111,6 +111,10 @@ def train_iterator(task, sc, stage: str, mesh, start: int, data_state: dict | No
   micro = sc.batch_size // sc.grad_accum
   block, blocks = distributed.local_rows(mesh, micro)
   it = task.train_iterator(sc.batch_size, sc.grad_accum, block, blocks)
+  if jax.process_count() > 1:
+    rows = sc.batch_size // blocks
+    print(f'Process {jax.process_index()}/{jax.process_count()} of stage {stage!r} makes rows '
+          f'[{block * rows}, {(block + 1) * rows}) of each global batch of {sc.batch_size}')
   if data_state is not None:
     it.set_state(data_state)
   elif start:   # a checkpoint from before data states were saved: numbered samples only
@@ -387,18 +391,16 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   eval_task = make_task(config, tokenizer, mcfg, sc.task, 'eval')
   schedule = optim.learning_rate_schedule(sc.optim, sc.steps)
   start = int(jax.device_get(state.step))
-  nan_steps = tuple(g - offset - 1 for g in _int_list(config.train.debug_nan_steps,
-                                                      'config.train.debug_nan_steps')
-                    if offset < g <= offset + sc.steps)
+  nan_steps = set(_int_list(config.train.debug_nan_steps, 'config.train.debug_nan_steps'))
   ref = None
   if sc.task == 'dpo':
     from mllm_jax.train import dpo
     step_fn = dpo.make_dpo_train_step(factory.model, tx, mask, schedule=schedule,
-                                      nan_steps=nan_steps, **sc.preference.to_dict())
+                                      **sc.preference.to_dict())
     ref = dpo_reference(os.path.dirname(ckpt.directory), name, factory, state.params, start)
   else:
     step_fn = steps.make_train_step(factory.model, tx, mask, schedule,
-                                    logits_chunk=config.train.logits_chunk, nan_steps=nan_steps)
+                                    logits_chunk=config.train.logits_chunk)
   micro = sc.batch_size // sc.grad_accum
   batches = prefetch(train_iterator(train_task, sc, name, mesh, start, data_state),
                      config.data.prefetch)
@@ -431,6 +433,9 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for s in range(start, sc.steps):
       host, consumed = next(batches)
+      if offset + s + 1 in nan_steps:   # test hook: a NaN that flows through the whole step
+        host = {k: v * np.float32(np.nan) if k.endswith('loss_mask') else v
+                for k, v in host.items()}
       ndim = {k: v.ndim - 1 for k, v in host.items()}
       if jstep is None and ref is not None:
         jstep = dpo.jit_dpo_step(step_fn, factory.state_shardings(tx, mask),

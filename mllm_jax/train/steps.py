@@ -7,7 +7,7 @@ number of loss tokens in the whole (global) batch, so accumulation and sharding 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -107,13 +107,6 @@ def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0):
       batch['loss_mask'], logits_chunk)
 
 
-def nan_scale(step, nan_steps: Sequence[int]):
-  """Test hook: NaN at the stage-local steps `nan_steps` (0-based), else 1 (a no-op when empty)."""
-  if not nan_steps:
-    return 1.0
-  return jnp.where(jnp.isin(step, jnp.asarray(nan_steps, jnp.int32)), jnp.nan, 1.0)
-
-
 def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
   """Apply the optimizer only when the loss and every gradient are finite; otherwise keep the
   parameters and optimizer state (its step count too) and report the step as skipped.
@@ -130,19 +123,16 @@ def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict,
-                    schedule: Callable | None = None, logits_chunk: int = 0,
-                    nan_steps: Sequence[int] = ()):
+                    schedule: Callable | None = None, logits_chunk: int = 0):
   """Returns train_step(state, batch) -> (state, metrics); batch leaves are [accum, b, ...].
 
   A step whose loss or gradients are not finite leaves params and optimizer state unchanged
-  and reports `nonfinite` = 1 (`guarded_update`). `nan_steps` (test-only) makes the loss NaN
-  at those stage-local steps.
+  and reports `nonfinite` = 1 (`guarded_update`).
   """
 
   def train_step(state: TrainState, batch):
     trainable, frozen = split_params(state.params, mask)
-    n_tokens = jnp.maximum(batch['loss_mask'][:, :, 1:].sum(), 1.0) / nan_scale(state.step,
-                                                                               nan_steps)
+    n_tokens = jnp.maximum(batch['loss_mask'][:, :, 1:].sum(), 1.0)
 
     def micro_step(grads, mb):
       def loss_fn(tp):
