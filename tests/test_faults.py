@@ -4,6 +4,7 @@ previous checkpoint intact. Every run is the real CLI in a subprocess on the tin
 they share a persistent compilation cache, so only the first one compiles."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -228,16 +229,14 @@ def test_nonfinite_policies_count_and_stop():
 
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, env,
                                                                       tokenizer_dir):
-  import resource
   w = new_workdir(tmp_path, tokenizer_dir, 'w')
   r = run(w, env, **{'train.max_steps_per_run': 2})
   assert r.returncode == 0 and checkpoints(w) == ['2'], r.stderr[-3000:]
 
-  def small_files():   # writes past 16 KB fail with EFBIG, as on a full disk
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
-  r = subprocess.run(command(w), env=env, capture_output=True, text=True, timeout=300,
-                     preexec_fn=small_files)
+  # writes past 16 KB fail with EFBIG ('File too large'), as writes to a full disk fail
+  limited = ["trap '' XFSZ; ulimit -f 16; exec " + ' '.join(shlex.quote(a) for a in command(w))]
+  r = subprocess.run(['bash', '-c'] + limited, env=env, capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 1, r.stderr[-3000:]
   err = [l for l in r.stderr.splitlines() if l.startswith('CheckpointError')]
   assert len(err) == 1 and err[0].startswith(
