@@ -1,12 +1,14 @@
 """Several processes on one machine: 2 CPU processes (2 devices each, gloo collectives) train
 with the same global batch as 1 process with 4 devices and log the same losses, each process
-making only its own rows of every batch; the checkpoint (saved collectively, one data state
-per process) resumes the 2-process run exactly."""
+making only its own rows of every batch. SIGTERM to one process stops both at the same step
+with a collective checkpoint (one data state per process), which resumes exactly."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +22,7 @@ TINY = {'model.llm.depth': 1, 'model.llm.hidden': 32, 'model.llm.heads': 2,
         'model.llm.kv_heads': 1, 'model.llm.mlp_dim': 64, 'model.vision.depth': 1,
         'model.vision.width': 32, 'model.vision.heads': 2, 'model.vision.mlp_dim': 64,
         'model.vision.image_size': 16, 'model.vision.feature_layer': -1, 'data.max_len': 64,
-        'data.max_images': 1, 'train.stages': 'sft', 'sft.steps': 3, 'sft.batch_size': 8,
+        'data.max_images': 1, 'train.stages': 'sft', 'sft.steps': 4, 'sft.batch_size': 8,
         'train.log_every': 1, 'train.checkpoint_every': 0, 'train.eval_examples': 8,
         'train.eval_batch_size': 8, 'train.progress_bar': False, 'distributed.enabled': 'no'}
 
@@ -69,7 +71,7 @@ def lines(workdir):
     return [json.loads(l) for l in f if l.strip()]
 
 
-def test_two_processes_equal_one_process_and_resume(tmp_path):
+def test_two_processes_equal_one_process_and_resume_after_sigterm(tmp_path):
   tok = tmp_path / 'tok'
   tok_lib.get_or_build_demo_tokenizer(str(tok))
   one, two = tmp_path / 'one', tmp_path / 'two'
@@ -78,11 +80,29 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
     os.symlink(tok, w / 'tokenizer')
   cache = tmp_path / 'cache'
   single = launch(one, env_with(4, cache))
-  # 2 x 2 devices: 2 steps, a collective checkpoint, exit; then resume for step 3 and eval
-  first = two_processes(two, env_with(2, cache), **{'train.max_steps_per_run': 2})
-  for i, out in enumerate(first):
+  # 2 processes x 2 devices; SIGTERM to process 1 only, during the (held) save of step 1:
+  # both stop after step 2 and save it collectively, each with its data state
+  port = free_port()
+  procs = [launch(two, env_with(2, cache), **{
+      'distributed.enabled': 'yes', 'distributed.coordinator_address': f'localhost:{port}',
+      'distributed.num_processes': 2, 'distributed.process_id': i,
+      'train.checkpoint_every': 1, 'train.debug_save_delay': 1.0}) for i in range(2)]
+  t0 = time.time()
+  while not (two / 'checkpoints').is_dir() or not any(
+      n.startswith('1.') for n in os.listdir(two / 'checkpoints')):
+    assert all(p.poll() is None for p in procs) and time.time() - t0 < 300
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = []
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    outs.append(out)
+  for i, out in enumerate(outs):
     assert (f'Process {i}/2 of stage \'sft\' makes rows [{4 * i}, {4 * i + 4}) of each global '
             'batch of 8') in out, out
+    assert 'SIGTERM received: saved the checkpoint of step 2' in out, out
+  assert sorted(n for n in os.listdir(two / 'checkpoints')) == ['1', '2']
   data = sorted(os.listdir(two / 'checkpoints' / '2' / 'data'))
   assert data == ['commit_success.txt', 'process_0-of-2.json', 'process_1-of-2.json']
   for f in data[1:]:
@@ -93,7 +113,7 @@ def test_two_processes_equal_one_process_and_resume(tmp_path):
   a, b = lines(one), lines(two)
   train_a = [(m['step'], m['loss'], m['grad_norm']) for m in a if 'loss' in m]
   train_b = [(m['step'], m['loss'], m['grad_norm']) for m in b if 'loss' in m]
-  assert [s for s, *_ in train_a] == [s for s, *_ in train_b] == [1, 2, 3]
+  assert [s for s, *_ in train_a] == [s for s, *_ in train_b] == [1, 2, 3, 4]
   np.testing.assert_allclose(np.array(train_b)[:, 1:], np.array(train_a)[:, 1:], rtol=1e-5)
   eval_a, eval_b = [m for m in a if 'eval/loss' in m], [m for m in b if 'eval/loss' in m]
   np.testing.assert_allclose(eval_b[0]['eval/loss'], eval_a[0]['eval/loss'], rtol=1e-5)

@@ -19,7 +19,7 @@ import tqdm
 
 from mllm_jax import distributed
 from mllm_jax import sharding as shd
-from mllm_jax.checkpoint import Checkpointer, CheckpointError, RunPosition
+from mllm_jax.checkpoint import Checkpointer, RunPosition
 from mllm_jax.data import images as image_utils
 from mllm_jax.data import preference, synthetic, tokenizer as tok_lib
 from mllm_jax.models import MLLM, MLLMConfig
@@ -368,7 +368,9 @@ def dpo_reference(workdir, name, factory, params, start):
   WORKDIR/reference_<name> so that a resumed run uses the same one."""
   from mllm_jax.hf import pretrained
   path = os.path.join(workdir, f'reference_{name}')
-  if os.path.exists(os.path.join(path, pretrained.MODEL_JSON)):
+  # orbax renames `params` into place when complete: without it the save was cut short
+  if (os.path.exists(os.path.join(path, pretrained.MODEL_JSON)) and
+      os.path.isdir(os.path.join(path, 'params'))):
     return pretrained.restore_params(path, factory.abstract_params)
   if start:
     raise FileNotFoundError(f'{path}: the reference of DPO stage {name!r} is missing, so step '
