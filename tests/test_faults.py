@@ -290,3 +290,15 @@ def test_train_iterator_state_and_process_rows(tmp_path, tokenizer_dir):
         flat = second[k].reshape((8,) + second[k].shape[2:])
         np.testing.assert_array_equal(rows[k].reshape(flat[:4].shape), flat[p * 4:(p + 1) * 4])
       assert part.get_state() == resumed.get_state()
+
+
+def test_sigint_becomes_a_stop_request_and_a_second_one_kills():
+  from mllm_jax.train.loop import StopSignals
+  before = signal.getsignal(signal.SIGINT)
+  with StopSignals() as stop:
+    assert not stop.requested()
+    os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C: no KeyboardInterrupt mid-step
+    time.sleep(0.05)
+    assert stop.requested() and stop.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL   # a second Ctrl-C kills
+  assert signal.getsignal(signal.SIGINT) is before
