@@ -1,19 +1,33 @@
-"""Orbax checkpoints of the train state plus a JSON record of where the run is.
+"""Orbax checkpoints of the train state, the data iterators' state and where the run is.
 
-A checkpoint is saved under the run's global step (steps summed over stages) with two items:
+A checkpoint is saved under the run's global step (steps summed over stages) with three items:
 `state` (params, optimizer state, stage-local step; restored straight into the target
-shardings) and `meta` (stage name and index, stage-local step, whether the stage finished, the
-config as JSON). Orbax writes to a temporary directory and renames it when complete, so an
-interrupted save is never picked up as the latest checkpoint.
+shardings), `meta` (stage name and index, stage-local step, whether the stage finished, the
+config as JSON) and `data` (one JSON file per process: that process's training-iterator state
+after the last batch it consumed, so a resumed run continues with exactly the next batch).
+
+Orbax writes a checkpoint into a temporary directory and renames it when every item of every
+process is written, so a save interrupted by kill -9, a full disk or a dead host is never
+picked up as the latest checkpoint; the previous checkpoints are untouched until the new one is
+complete. A save that fails raises `CheckpointError` naming the directory and the OS error, and
+a state with non-finite parameters or optimizer state is refused before anything is written.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint could not be written (disk full, unwritable directory, non-finite state)."""
 
 
 @dataclasses.dataclass
@@ -25,14 +39,86 @@ class RunPosition:
   global_step: int
 
 
+# ----------------------------------------------------------------------------------------------
+# The `data` item: one JSON file per process, inside orbax's atomic save
+# ----------------------------------------------------------------------------------------------
+class DataStateHandler(ocp.CheckpointHandler):
+  """Writes this process's data-iterator state (a JSON-serialisable dict) as
+  `process_<i>-of-<n>.json`; restore returns this process's dict. When the process count
+  changed, a state shared by every saved process (the built-in tasks) still restores; states
+  that differ per process (sharded readers) need the same number of processes."""
+
+  def save(self, directory: epath.Path, args: 'DataStateSave'):
+    name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    (directory / name).write_text(json.dumps(args.state, sort_keys=True))
+    if args.debug_delay:   # test hook: hold the checkpoint half-written (for kill -9 tests)
+      time.sleep(args.debug_delay)
+
+  def restore(self, directory: epath.Path, args: 'DataStateRestore' = None):
+    mine = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    if mine.exists():
+      return json.loads(mine.read_text())
+    saved = sorted(directory.glob('process_*-of-*.json'))
+    states = [json.loads(p.read_text()) for p in saved]
+    if states and all(s == states[0] for s in states):
+      return states[0]
+    raise CheckpointError(
+        f'{directory}: data-iterator states were saved by {len(saved)} processes with '
+        f'different states, and cannot be split over {jax.process_count()} processes; resume '
+        'with the same number of processes')
+
+  def metadata(self, directory):
+    return None
+
+  def structure(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: dict
+  debug_delay: float = 0.0
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
+def all_finite(tree) -> bool:
+  """Whether every float leaf of `tree` (sharded arrays welcome) is finite."""
+  return bool(jax.device_get(_all_finite(tree)))
+
+
 class Checkpointer:
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2, debug_save_delay: float = 0.0):
     self.directory = os.path.abspath(directory)
-    self.manager = ocp.CheckpointManager(
-        self.directory, item_names=('state', 'meta'),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    self.debug_save_delay = debug_save_delay
+    try:
+      os.makedirs(self.directory, exist_ok=True)
+      self.manager = ocp.CheckpointManager(
+          self.directory, item_names=('state', 'meta', 'data'),
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+    except OSError as e:
+      raise CheckpointError(f'cannot use checkpoint directory {self.directory}: {e}') from e
 
   def latest(self) -> RunPosition | None:
+    """Position of the newest complete checkpoint (half-written ones are invisible)."""
     step = self.manager.latest_step()
     if step is None:
       return None
@@ -40,14 +126,30 @@ class Checkpointer:
     return RunPosition(meta['stage'], meta['stage_index'], meta['stage_step'], meta['stage_done'],
                        step)
 
-  def save(self, pos: RunPosition, state: Any, config_json: str | None = None):
+  def save(self, pos: RunPosition, state: Any, config_json: str | None = None,
+           data_state: dict | None = None):
+    """Save synchronously (collective over processes). Raises CheckpointError, leaving every
+    earlier checkpoint intact, when `state` is not finite or the write fails."""
+    if not all_finite(state):
+      raise CheckpointError(
+          f'refusing to save step {pos.global_step} to {self.directory}: the parameters or '
+          'optimizer state hold NaN/inf (the previous checkpoints are intact)')
     meta = dataclasses.asdict(pos)
     meta.pop('global_step')
     if config_json is not None:
       meta['config'] = json.loads(config_json)
-    self.manager.save(pos.global_step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    items = dict(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    if data_state is not None:
+      items['data'] = DataStateSave(data_state, self.debug_save_delay)
+    try:
+      self.manager.save(pos.global_step, args=ocp.args.Composite(**items), force=True)
+      self.manager.wait_until_finished()
+    except Exception as e:   # orbax re-raises OSErrors of its writer threads in several wrappers
+      os_err = _os_error(e)
+      raise CheckpointError(
+          f'could not write the checkpoint of step {pos.global_step} to {self.directory}: '
+          f'{os_err or e} (the previous checkpoints are intact; free space or fix the '
+          'directory, then rerun the same command to resume)') from e
 
   def restore_state(self, global_step: int, abstract_state: Any):
     """Restore into `abstract_state` (ShapeDtypeStructs carrying their target shardings)."""
@@ -55,5 +157,25 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state)))
     return out['state']
 
+  def restore_data_state(self, global_step: int) -> dict | None:
+    """This process's data-iterator state saved at `global_step`, or None for a checkpoint
+    written before data states were saved."""
+    path = epath.Path(self.directory) / str(global_step) / 'data'
+    if not path.exists():
+      return None
+    return self.manager.restore(global_step, args=ocp.args.Composite(
+        data=DataStateRestore()))['data']
+
   def close(self):
     self.manager.close()
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+  """The OSError behind `e` (orbax wraps writer-thread errors), if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    if isinstance(e, OSError):
+      return e
+    seen.add(id(e))
+    e = e.__cause__ or e.__context__
+  return None

@@ -4,7 +4,8 @@ Layout:
   seed, mesh (data/fsdp/tensor/expert sizes), sharding.rules (preset or list),
   model (MLLMConfig fields: llm, vision, connector, dtypes, attention, remat),
   data (source, tokenizer, sequence/image sizes),
-  train (stages to run in order, logging, eval and checkpoint cadence),
+  train (stages to run in order, logging, eval and checkpoint cadence, non-finite policy),
+  distributed (jax.distributed.initialize for multi-process runs),
   <stage name> for each stage: task, trainable regex, steps, batch size, accumulation, optim.
 The returned config is locked by `finalize`, so `--config.a.b=v` with a misspelt key fails.
 """
@@ -68,7 +69,21 @@ def base_config() -> CD:
       # lm_head + cross-entropy over [batch, logits_chunk] slices of each row's loss positions
       # (no [B, T, vocab] logits; positions without loss skipped); 0 = one full projection
       logits_chunk=128,
+      # A step whose loss or gradients are NaN/inf never updates params or optimizer state.
+      # 'skip': count it (metric `skipped_steps`) and go on, but stop with an error after
+      # max_consecutive_nonfinite bad steps in a row (0 = never); 'stop': error at the first.
+      nonfinite='skip', max_consecutive_nonfinite=10,
+      # TEST ONLY: comma-separated global steps (as logged) whose loss masks (so loss and
+      # gradients) are NaN; seconds each save stays half-written (to kill -9 a run mid-save)
+      debug_nan_steps='', debug_save_delay=0.0,
   ))
+  # Several processes (mllm_jax.distributed): 'auto' calls jax.distributed.initialize when the
+  # environment names a multi-process job (JAX_COORDINATOR_ADDRESS, SLURM, Open MPI, GKE TPU);
+  # 'yes' always (e.g. a GCE TPU pod, where jax finds the coordinator); 'no' never. Empty / -1 /
+  # 0 values are left to jax's cluster detection.
+  c.distributed = CD(dict(enabled='auto', coordinator_address='', num_processes=0,
+                          process_id=-1, local_device_ids='', initialization_timeout=300,
+                          cpu_collectives='gloo'))
   c.pretrain = stage_config(task='caption', trainable='connector/.*', lr=1e-3)
   c.sft = stage_config(task='vqa', trainable='(connector|llm)/.*', lr=2e-5)
   return c

@@ -52,9 +52,10 @@ class PreferenceTask:
     self.skipped = 0
     self._cache: dict = {}
 
-  def pair(self, index: int):
+  def pair(self, index: int, with_image: bool = True):
     """(sample, chosen answer, rejected answer) of pair `index`."""
-    s = synthetic.make_sample(index, split=self.split, seed=self.seed, image_size=self.image_size,
+    s = synthetic.make_sample(index, split=self.split, seed=self.seed,
+                              image_size=self.image_size if with_image else None,
                               two_image_fraction=0.0, image_tag=self.image_token)
     chosen = s.messages[1]['content']
     wrong = [a for a in self.answers.get(_question(s), ()) if a != chosen]
@@ -75,28 +76,46 @@ class PreferenceTask:
           max_len=self.max_len)[:2]
     return self._cache[key]
 
+  def usable(self, start: int, n: int) -> tuple[list[int], int]:
+    """The first `n` pair indices from `start` on whose chosen != rejected, and the index after
+    the last one (text only: no image is rendered)."""
+    out, index = [], start
+    while len(out) < n:
+      _, chosen, rejected = self.pair(index, with_image=False)
+      if chosen == rejected:
+        self.skipped += 1
+      else:
+        out.append(index)
+      index += 1
+    return out, index
+
+  def train_iterator(self, batch_size: int, accum: int = 1, process_index: int = 0,
+                     process_count: int = 1) -> synthetic.IndexIterator:
+    """Each step's global batch is the next `batch_size` usable pairs; this process builds its
+    rows as [accum, batch_size / (process_count * accum), ...]; state = next pair index."""
+    return synthetic.IndexIterator(self.usable, self.batch_of, batch_size, accum,
+                                   process_index, process_count, drop=())
+
   def batch(self, start: int, batch_size: int) -> dict[str, np.ndarray]:
     """Pairs from index `start` on (skipping chosen == rejected) as fixed-shape arrays."""
-    b, t, s = batch_size, self.max_len, self.image_size
+    return self.batch_of(self.usable(start, batch_size)[0])
+
+  def batch_of(self, indices) -> dict[str, np.ndarray]:
+    """Pairs `indices` (each with chosen != rejected) as fixed-shape arrays."""
+    b, t, s = len(indices), self.max_len, self.image_size
     out = {}
     for side in ('chosen', 'rejected'):
       out[f'{side}_input_ids'] = np.full((b, t), self.tokenizer.pad_token_id, np.int32)
       out[f'{side}_attention_mask'] = np.zeros((b, t), np.int32)
       out[f'{side}_loss_mask'] = np.zeros((b, t), np.float32)
     pixels = np.zeros((b, 1, s, s, 3), np.uint8)
-    row, index = 0, start
-    while row < b:
+    for row, index in enumerate(indices):
       sample, chosen, rejected = self.pair(index)
-      index += 1
-      if chosen == rejected:
-        self.skipped += 1
-        continue
       for side, answer in (('chosen', chosen), ('rejected', rejected)):
         ids, loss = self._tokens(sample.messages[0]['content'], answer)
         out[f'{side}_input_ids'][row, :len(ids)] = ids
         out[f'{side}_attention_mask'][row, :len(ids)] = 1
         out[f'{side}_loss_mask'][row, :len(ids)] = loss
       pixels[row, 0] = sample.images[0]
-      row += 1
     out['pixel_values'] = images.normalize(pixels, self.image_mean, self.image_std)
     return out

@@ -291,14 +291,25 @@ class SyntheticTask:
 
   def batch(self, start: int, batch_size: int) -> dict[str, np.ndarray]:
     """Samples start .. start + batch_size - 1 of the split as fixed-shape arrays (see class doc)."""
-    b, t, s = batch_size, self.max_len, self.image_size
+    return self.batch_of(range(start, start + batch_size))
+
+  def train_iterator(self, batch_size: int, accum: int = 1, process_index: int = 0,
+                     process_count: int = 1) -> 'IndexIterator':
+    """Step s's global batch is samples [s * batch_size, (s + 1) * batch_size); this process
+    gets its rows as [accum, batch_size / (process_count * accum), ...] (see IndexIterator)."""
+    return IndexIterator(lambda start, n: (range(start, start + n), start + n), self.batch_of,
+                         batch_size, accum, process_index, process_count)
+
+  def batch_of(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
+    """Samples `indices` of the split as fixed-shape arrays (see class doc)."""
+    b, t, s = len(indices), self.max_len, self.image_size
     out = {'input_ids': np.full((b, t), self.tokenizer.pad_token_id, np.int32),
            'attention_mask': np.zeros((b, t), np.int32),
            'loss_mask': np.zeros((b, t), np.float32),
            'turn_ids': np.zeros((b, t), np.int32),
            'num_images': np.zeros((b,), np.int32)}
     pixels = np.zeros((b, self.max_images, s, s, 3), np.uint8)
-    for row, sample in enumerate(self.examples(start, batch_size)):
+    for row, sample in enumerate(self.example(i) for i in indices):
       ids, loss, turns = self._tokenize(sample)
       n = len(ids)
       if n > t:
@@ -312,3 +323,43 @@ class SyntheticTask:
     out['pixel_values'] = images.normalize(pixels, self.image_mean, self.image_std) * used[
         :, :, None, None, None]
     return out
+
+
+class IndexIterator:
+  """Training batches of a task whose samples are numbered (the data-state contract of the loop).
+
+  The global batch of each step is the next `batch_size` sample indices; this process makes
+  only its rows [p * B/n, (p + 1) * B/n), as [accum, B / (n * accum), ...] host arrays. The
+  state is the next sample index, so `set_state(get_state())` on a fresh iterator continues
+  with exactly the next batch. `take(start, count) -> (indices, next_start)` picks a batch's
+  sample indices (a task may skip some, e.g. unusable preference pairs) and
+  `make(indices) -> dict of [len(indices), ...] arrays` builds this process's rows.
+  """
+
+  def __init__(self, take, make, batch_size: int, accum: int, process_index: int = 0,
+               process_count: int = 1, drop=('num_images',)):
+    if batch_size % (accum * process_count):
+      raise ValueError(f'global batch {batch_size} is not divisible by grad_accum {accum} x '
+                       f'{process_count} processes')
+    self.take, self.make, self.drop = take, make, drop
+    self.batch_size, self.accum = batch_size, accum
+    self.process_index, self.process_count = process_index, process_count
+    self.next_index = 0
+
+  def get_state(self) -> dict:
+    return {'next_index': self.next_index}
+
+  def set_state(self, state: dict):
+    self.next_index = int(state['next_index'])
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    indices, nxt = self.take(self.next_index, self.batch_size)
+    local = self.batch_size // self.process_count
+    rows = indices[self.process_index * local:(self.process_index + 1) * local]
+    b = self.make(rows)
+    self.next_index = nxt
+    return {k: v.reshape((self.accum, local // self.accum) + v.shape[1:]) for k, v in b.items()
+            if k not in self.drop}

@@ -2,6 +2,8 @@
 
 Trains every stage in `config.train.stages`; rerunning the same command on a workdir with
 checkpoints resumes from the latest one. A misspelt `--config.*` key is an error naming it.
+SIGTERM / SIGINT save a checkpoint and exit with status 128 + signal number (143 / 130); a
+failed checkpoint write or too many non-finite steps exit with status 1 and a one-line error.
 """
 import logging
 import sys
@@ -30,8 +32,15 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   for name in ('absl', 'jax', 'orbax'):
     logging.getLogger(name).setLevel(logging.WARNING)
+  from mllm_jax.checkpoint import CheckpointError
   from mllm_jax.train import loop   # after flag parsing: keeps --help fast
-  loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  try:
+    loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except loop.Interrupted as e:   # checkpoint saved: exit 128 + signal, as a killed job would
+    print(e, flush=True)
+    sys.exit(e.exit_code)
+  except (CheckpointError, loop.NonFiniteError) as e:
+    sys.exit(f'{type(e).__name__}: {e}')
 
 
 if __name__ == '__main__':

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import sharding as shd
 from mllm_jax.train.optim import merge_params, split_params
-from mllm_jax.train.steps import TrainState
+from mllm_jax.train.steps import TrainState, guarded_update
 
 LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'robust', 'conservative')
 SIDES = ('chosen', 'rejected')
@@ -93,6 +93,8 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
                         reference: str = 'model', schedule: Callable | None = None):
   """step(state, batch, ref_params) -> (state, metrics); batch leaves are [accum, b, ...].
 
+  Non-finite loss or gradients skip the update (`steps.guarded_update`, metric `nonfinite`).
+
   `reference='model'`: ref_params are evaluated in the step (no gradients);
   `'precomputed'`: the batch carries ref_chosen_logps / ref_rejected_logps, ref_params is None.
   """
@@ -131,20 +133,18 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     grads, out = jax.lax.scan(micro, zeros, batch)
     out = jax.tree.map(jnp.sum, out)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = {'loss': out['loss'], 'dpo_loss': out['dpo_loss'] / n_pairs,
-               'sft_loss': out['sft_loss'] / n_sft, 'grad_norm': optax.tree.norm(grads),
-               'rewards/chosen': out['chosen_rewards'] / n_pairs,
-               'rewards/rejected': out['rejected_rewards'] / n_pairs,
-               'rewards/margins': out['margins'] / n_pairs,
-               'rewards/accuracies': out['accuracies'] / n_pairs,
-               'logps/chosen': out['chosen_logps'] / n_pairs,
-               'logps/rejected': out['rejected_logps'] / n_pairs}
+    new, metrics = guarded_update(state, trainable, frozen, grads, out['loss'], tx)
+    metrics.update({'loss': out['loss'], 'dpo_loss': out['dpo_loss'] / n_pairs,
+                    'sft_loss': out['sft_loss'] / n_sft,
+                    'rewards/chosen': out['chosen_rewards'] / n_pairs,
+                    'rewards/rejected': out['rejected_rewards'] / n_pairs,
+                    'rewards/margins': out['margins'] / n_pairs,
+                    'rewards/accuracies': out['accuracies'] / n_pairs,
+                    'logps/chosen': out['chosen_logps'] / n_pairs,
+                    'logps/rejected': out['rejected_logps'] / n_pairs})
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=merge_params(trainable, frozen),
-                      opt_state=opt_state), metrics
+    return new, metrics
 
   return step
 

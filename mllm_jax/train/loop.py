@@ -4,8 +4,10 @@ checkpoint, mid-stage or at a stage boundary, and sees exactly the batches it wo
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
+import signal
 import threading
 import time
 from typing import Iterator
@@ -15,6 +17,7 @@ import jax
 import numpy as np
 import tqdm
 
+from mllm_jax import distributed
 from mllm_jax import sharding as shd
 from mllm_jax.checkpoint import Checkpointer, RunPosition
 from mllm_jax.data import images as image_utils
@@ -72,16 +75,21 @@ def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):
 
 
 def prefetch(it: Iterator, size: int) -> Iterator:
-  """Produce host batches in a background thread so the next batch is ready when a step ends."""
+  """(batch, iterator state after it) pairs, produced in a background thread so the next batch
+  is ready when a step ends. The state travels with its batch: a checkpoint records the state
+  after the last batch the loop consumed, not after the ones waiting in the queue."""
+  def with_state():
+    for item in it:
+      yield item, json.loads(json.dumps(it.get_state()))   # a snapshot, JSON-checked
   if size <= 0:
-    yield from it
+    yield from with_state()
     return
   q: queue.Queue = queue.Queue(maxsize=size)
   stop = threading.Event()
 
   def worker():
     try:
-      for item in it:
+      for item in with_state():
         if stop.is_set():
           return
         q.put(item)
@@ -98,14 +106,102 @@ def prefetch(it: Iterator, size: int) -> Iterator:
     stop.set()
 
 
-def train_batches(task, start_step: int, batch_size: int, accum: int):
-  """Batch of step s = samples [s*batch_size, (s+1)*batch_size), as [accum, micro, ...] arrays."""
-  step = start_step
-  while True:
-    b = task.batch(step * batch_size, batch_size)
-    yield {k: v.reshape((accum, batch_size // accum) + v.shape[1:]) for k, v in b.items()
-           if k != 'num_images'}
-    step += 1
+def train_iterator(task, sc, stage: str, mesh, start: int, data_state: dict | None):
+  """The stage's training iterator for this process's rows, positioned after step `start`."""
+  micro = sc.batch_size // sc.grad_accum
+  block, blocks = distributed.local_rows(mesh, micro)
+  it = task.train_iterator(sc.batch_size, sc.grad_accum, block, blocks)
+  if jax.process_count() > 1:
+    rows = sc.batch_size // blocks
+    print(f'Process {jax.process_index()}/{jax.process_count()} of stage {stage!r} makes rows '
+          f'[{block * rows}, {(block + 1) * rows}) of each global batch of {sc.batch_size}')
+  if data_state is not None:
+    it.set_state(data_state)
+  elif start:   # a checkpoint from before data states were saved: numbered samples only
+    if not isinstance(it, synthetic.IndexIterator):
+      raise ValueError(f'the checkpoint of stage {stage!r} at step {start} has no data-iterator '
+                       'state, so the data cannot be resumed exactly; use a fresh --workdir')
+    it.set_state({'next_index': start * sc.batch_size})
+  return it
+
+
+# ----------------------------------------------------------------------------------------------
+# Faults: stop signals, non-finite steps
+# ----------------------------------------------------------------------------------------------
+class Interrupted(Exception):
+  """SIGTERM / SIGINT arrived; a checkpoint (with the data state) was saved at `step`."""
+
+  def __init__(self, signum: int, step: int, directory: str):
+    self.signum, self.step = signum, step
+    self.exit_code = 128 + signum   # the shell's convention for "ended by this signal"
+    super().__init__(f'{signal.Signals(signum).name} received: saved the checkpoint of step '
+                     f'{step} in {directory}; rerun the same command to resume')
+
+
+class NonFiniteError(FloatingPointError):
+  """Training stopped on non-finite losses or gradients (config.train.nonfinite)."""
+
+
+class StopSignals:
+  """Turns SIGTERM / SIGINT into a request that the loop honours at the end of the current step
+  (save, then `Interrupted`). A second signal gets the default action (kill), and a save it
+  cuts short is never restored."""
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum, self._old = None, {}
+
+  def _handle(self, signum, frame):
+    self.signum = signum
+    print(f'{signal.Signals(signum).name} received: saving a checkpoint after this step',
+          flush=True)
+    for s in self.SIGNALS:
+      signal.signal(s, signal.SIG_DFL)
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+    return self
+
+  def __exit__(self, *exc):
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+  def requested(self) -> bool:
+    """Whether any process received a signal (a collective in multi-process runs)."""
+    return distributed.any_process(self.signum is not None)
+
+
+class NonFiniteMonitor:
+  """Counts steps skipped for a non-finite loss or gradient (the step left the state as it was)
+  and raises `NonFiniteError` as config.train.nonfinite / max_consecutive_nonfinite say."""
+
+  def __init__(self, config, stage: str, ckpt_dir: str):
+    self.policy, self.limit = config.train.nonfinite, config.train.max_consecutive_nonfinite
+    if self.policy not in ('skip', 'stop'):
+      raise ValueError(f"config.train.nonfinite={self.policy!r}: expected 'skip' or 'stop'")
+    self.stage, self.ckpt_dir = stage, ckpt_dir
+    self.consecutive, self.since_log, self.total = 0, 0, 0
+
+  def check(self, step: int, metrics: dict):
+    """`step`: global step of `metrics` (device arrays of the step)."""
+    if not float(metrics['nonfinite']):
+      self.consecutive = 0
+      return
+    self.consecutive += 1
+    self.since_log += 1
+    self.total += 1
+    loss = float(metrics['loss'])
+    print(f'stage {self.stage!r} step {step}: non-finite loss ({loss}) or gradients '
+          f'(norm {float(metrics["grad_norm"])}); update skipped', flush=True)
+    if self.policy == 'stop' or (self.limit and self.consecutive >= self.limit):
+      why = ('config.train.nonfinite=stop' if self.policy == 'stop' else
+             f'{self.consecutive} in a row, config.train.max_consecutive_nonfinite={self.limit}')
+      raise NonFiniteError(
+          f'stage {self.stage!r}: non-finite loss or gradients at step {step} ({why}). The '
+          f'parameters were not updated by the bad steps and no checkpoint holds NaN/inf; the '
+          f'last checkpoint in {self.ckpt_dir} resumes. Lower the learning rate, check the data '
+          'of these steps, or raise the limit')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +225,7 @@ def evaluate_preferences(config, factory, params, task, mesh, rules) -> dict:
         _EVAL_CACHE[key] = steps.jit_eval_step(dpo.preference_eval_step(factory.model),
                                                factory.param_shardings, mesh,
                                                {k: v.ndim for k, v in b.items()})
-      out = jax.device_get(_EVAL_CACHE[key](params, shd.shard_batch(b, mesh)))
+      out = jax.device_get(_EVAL_CACHE[key](params, distributed.replicated_batch(b, mesh)))
       for k in totals:
         totals[k] += float(out[k])
   vqa = synthetic.SyntheticTask(task.tokenizer, kind='vqa', split=task.split, seed=task.seed,
@@ -155,7 +251,7 @@ def evaluate(config, factory, params, task, mesh, rules) -> dict:
         eval_fn = _EVAL_CACHE[id(factory)] = steps.jit_eval_step(
             steps.make_eval_step(factory.model), factory.param_shardings, mesh,
             {k: v.ndim for k, v in b.items()})
-      out = jax.device_get(eval_fn(params, shd.shard_batch(b, mesh)))
+      out = jax.device_get(eval_fn(params, distributed.replicated_batch(b, mesh)))
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)
   res = {'eval/loss': totals['loss_sum'] / max(totals['tokens'], 1),
@@ -194,23 +290,33 @@ def stage_setup(config, factory, name):
 
 def run(config, workdir: str) -> dict:
   """Run every stage of `config.train.stages`; returns the final held-out metrics (None when
-  `config.train.max_steps_per_run` stopped the run early)."""
+  `config.train.max_steps_per_run` stopped the run early). SIGTERM / SIGINT save a checkpoint
+  and raise `Interrupted`; non-finite steps follow `config.train.nonfinite`."""
+  distributed.initialize(config.distributed)   # before anything touches the devices
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(config.mesh.to_dict())
   rules = shd.logical_rules(config.sharding.rules)
+  if not distributed.is_primary():
+    distributed.sync('tokenizer')   # process 0 builds the demo tokenizer, the others read it
   tokenizer = load_tokenizer(config, workdir)
+  if distributed.is_primary():
+    distributed.sync('tokenizer')
   mcfg = model_config(config, tokenizer)
   model = MLLM(mcfg)
   factory = steps.StateFactory(model, mesh, rules)
   names = stage_names(config)
   offsets = np.cumsum([0] + [config[n].steps for n in names]).tolist()
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract_params))
-  print(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}; stages {names}')
+  procs = f'; {jax.process_count()} processes' if jax.process_count() > 1 else ''
+  print(f'Model: {n_params / 1e6:.2f}M parameters; mesh {dict(mesh.shape)}{procs}; '
+        f'stages {names}')
 
-  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints)
+  ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints,
+                      debug_save_delay=config.train.debug_save_delay)
   pos = ckpt.latest()
-  writer = MetricsWriter(workdir, resume_step=pos.global_step if pos else None)
-  state, params, first = None, None, 0
+  writer = MetricsWriter(workdir, resume_step=pos.global_step if pos else None,
+                         enabled=distributed.is_primary())
+  state, params, first, data_state = None, None, 0, None
   if pos is None:   # random init, then any pretrained weights config.model names
     from mllm_jax.hf import pretrained
     params = pretrained.init_params(factory, jax.random.key(config.seed))
@@ -226,18 +332,25 @@ def run(config, workdir: str) -> dict:
     first = pos.stage_index
     if pos.stage_done:
       params, state, first = state.params, None, pos.stage_index + 1
+    else:
+      data_state = ckpt.restore_data_state(pos.global_step)
 
   results: dict = {}
   budget = [config.train.max_steps_per_run or None]   # steps this process may still take
   try:
-    for i in range(first, len(names)):
-      state, results = run_stage(config, factory, tokenizer, mcfg, names, i, offsets[i],
-                                 state, params, ckpt, writer, mesh, rules, budget)
-      if results is None or (budget[0] == 0 and i + 1 < len(names)):
-        print(f'Stopped after config.train.max_steps_per_run={config.train.max_steps_per_run} '
-              f'steps; rerun the same command to continue from {ckpt.directory}')
-        return None
-      params, state = state.params, None
+    with StopSignals() as stop:
+      for i in range(first, len(names)):
+        state, results = run_stage(config, factory, tokenizer, mcfg, names, i, offsets[i],
+                                   state, params, ckpt, writer, mesh, rules, budget, stop,
+                                   data_state)
+        data_state = None
+        if results is None or (budget[0] == 0 and i + 1 < len(names)):
+          print(f'Stopped after config.train.max_steps_per_run={config.train.max_steps_per_run}'
+                f' steps; rerun the same command to continue from {ckpt.directory}')
+          return None
+        if i + 1 < len(names) and stop.requested():   # the finished stage is saved already
+          raise Interrupted(stop.signum or signal.SIGTERM, offsets[i + 1], ckpt.directory)
+        params, state = state.params, None
     if first == len(names):   # every stage already finished: report the final model again
       sc = config[names[-1]]
       results = evaluate(config, factory, params,
@@ -255,7 +368,9 @@ def dpo_reference(workdir, name, factory, params, start):
   WORKDIR/reference_<name> so that a resumed run uses the same one."""
   from mllm_jax.hf import pretrained
   path = os.path.join(workdir, f'reference_{name}')
-  if os.path.exists(os.path.join(path, pretrained.MODEL_JSON)):
+  # orbax renames `params` into place when complete: without it the save was cut short
+  if (os.path.exists(os.path.join(path, pretrained.MODEL_JSON)) and
+      os.path.isdir(os.path.join(path, 'params'))):
     return pretrained.restore_params(path, factory.abstract_params)
   if start:
     raise FileNotFoundError(f'{path}: the reference of DPO stage {name!r} is missing, so step '
@@ -265,9 +380,11 @@ def dpo_reference(workdir, name, factory, params, start):
 
 
 def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, params, ckpt,
-              writer, mesh, rules, budget):
+              writer, mesh, rules, budget, stop: StopSignals | None = None,
+              data_state: dict | None = None):
   """Train stage `names[index]` to its end -> (state, held-out metrics), or stop early when
-  `budget[0]` steps have been taken (checkpoint saved) -> (state, None)."""
+  `budget[0]` steps have been taken (checkpoint saved) -> (state, None). A stop signal saves
+  a checkpoint and raises `Interrupted`."""
   name = names[index]
   sc, tx, mask = stage_setup(config, factory, name)
   if state is None:
@@ -276,6 +393,7 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   eval_task = make_task(config, tokenizer, mcfg, sc.task, 'eval')
   schedule = optim.learning_rate_schedule(sc.optim, sc.steps)
   start = int(jax.device_get(state.step))
+  nan_steps = set(_int_list(config.train.debug_nan_steps, 'config.train.debug_nan_steps'))
   ref = None
   if sc.task == 'dpo':
     from mllm_jax.train import dpo
@@ -285,12 +403,16 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   else:
     step_fn = steps.make_train_step(factory.model, tx, mask, schedule,
                                     logits_chunk=config.train.logits_chunk)
-  batches = prefetch(train_batches(train_task, start, sc.batch_size, sc.grad_accum),
+  micro = sc.batch_size // sc.grad_accum
+  batches = prefetch(train_iterator(train_task, sc, name, mesh, start, data_state),
                      config.data.prefetch)
   config_json = config.to_json_best_effort()
+  monitor = NonFiniteMonitor(config, name, ckpt.directory)
+  consumed = data_state   # iterator state after the last batch a step consumed
 
   def save(stage_step, done):
-    ckpt.save(RunPosition(name, index, stage_step, done, offset + stage_step), state, config_json)
+    ckpt.save(RunPosition(name, index, stage_step, done, offset + stage_step), state, config_json,
+              data_state=consumed)
 
   def run_eval(stage_step):
     res = evaluate(config, factory, state.params, eval_task, mesh, rules)
@@ -307,43 +429,62 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
           f"{res['eval/preference_accuracy']:.4f}, VQA accuracy {res['eval/accuracy']:.4f}")
   jstep = None
   bar = tqdm.tqdm(total=sc.steps, initial=start, desc=name, dynamic_ncols=True,
-                  disable=not config.train.progress_bar)
+                  disable=not (config.train.progress_bar and distributed.is_primary()))
   t0, tokens = time.time(), 0
+  pending = None   # (global step, metrics) not yet checked for non-finite values
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for s in range(start, sc.steps):
-      host = next(batches)
+      host, consumed = next(batches)
+      if offset + s + 1 in nan_steps:   # test hook: a NaN that flows through the whole step
+        host = {k: v * np.float32(np.nan) if k.endswith('loss_mask') else v
+                for k, v in host.items()}
       ndim = {k: v.ndim - 1 for k, v in host.items()}
       if jstep is None and ref is not None:
         jstep = dpo.jit_dpo_step(step_fn, factory.state_shardings(tx, mask),
                                  factory.param_shardings, mesh, ndim)
       elif jstep is None:
         jstep = steps.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh, ndim)
-      batch = shd.shard_batch(host, mesh, leading_accum=True)
+      batch = distributed.global_batch(host, mesh, micro)
       state, metrics = jstep(state, batch) if ref is None else jstep(state, batch, ref)
       tokens += sum(int(v.sum()) for k, v in host.items() if k.endswith('attention_mask'))
       done = s + 1
+      # Checking a step's non-finite flag waits for it: check the previous step while this one
+      # runs, and this one before anything is logged or saved.
+      if pending is not None:
+        monitor.check(*pending)
+      pending = (offset + done, metrics)
       if done % config.train.log_every == 0 or done == sc.steps:
+        monitor.check(*pending)
+        pending = None
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         dt = time.time() - t0
         m['tokens_per_s'] = tokens / dt if dt > 0 else 0.0
+        m['skipped_steps'], monitor.since_log = monitor.since_log, 0
         m['stage'] = name
         writer.write(offset + done, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
         t0, tokens = time.time(), 0
-        if not np.isfinite(m['loss']):
-          raise FloatingPointError(f'stage {name}: non-finite loss {m["loss"]} at step {done}')
       bar.update(1)
       if sc.eval_every and done % sc.eval_every == 0 and done < sc.steps:
         run_eval(done)
       if budget[0] is not None:
         budget[0] -= 1
-      if done < sc.steps and (budget[0] == 0 or (config.train.checkpoint_every and
-                                                  done % config.train.checkpoint_every == 0)):
+      interrupt = stop is not None and done < sc.steps and stop.requested()
+      if done < sc.steps and (budget[0] == 0 or interrupt or (
+          config.train.checkpoint_every and done % config.train.checkpoint_every == 0)):
+        if pending is not None:
+          monitor.check(*pending)
+          pending = None
         save(done, False)
+      if interrupt:
+        bar.close()
+        raise Interrupted(stop.signum or signal.SIGTERM, offset + done, ckpt.directory)
       if budget[0] == 0 and done < sc.steps:
         bar.close()
         return state, None
   bar.close()
+  if monitor.total:
+    print(f'Stage {name!r}: {monitor.total} steps skipped for non-finite loss or gradients')
   results = run_eval(sc.steps)
   save(sc.steps, True)
   msg = ', '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'eval/answers')
@@ -352,3 +493,10 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
     chance = f" (a model blind to the image: ~{synthetic.chance_accuracy(seed=config.seed)['all']:.2f})"
   print(f'Stage {name!r} held-out: {msg}{chance}')
   return state, results
+
+
+def _int_list(text: str, key: str) -> list[int]:
+  try:
+    return [int(x) for x in str(text).replace(' ', '').split(',') if x]
+  except ValueError:
+    raise ValueError(f'{key}={text!r}: expected comma-separated integers') from None

@@ -1,30 +1,48 @@
-"""Metrics to WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard event files."""
+"""Metrics to WORKDIR/metrics.jsonl (one JSON object per line) and TensorBoard event files.
+
+Only the primary process writes (`enabled=False` elsewhere). On resume, lines logged after the
+checkpoint the run resumes from are dropped (they will be logged again), and so is a last line
+cut short by a killed process.
+"""
 from __future__ import annotations
 
 import json
 import os
 
-from tensorboardX import SummaryWriter
-
 
 class MetricsWriter:
   """`write(step, {...})`: training lines carry `step` and `loss`; evaluation keys are `eval/*`."""
 
-  def __init__(self, workdir: str, resume_step: int | None = None):
+  def __init__(self, workdir: str, resume_step: int | None = None, enabled: bool = True):
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    if resume_step is not None and os.path.exists(self.path):
-      self._truncate_after(resume_step)
+    self.enabled = enabled
+    if not enabled:
+      return
+    if os.path.exists(self.path):
+      self._truncate_after(resume_step or 0)
+    from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(logdir=workdir)
     self.file = open(self.path, 'a')
 
   def _truncate_after(self, step: int):
-    """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+    """Keep the lines up to `step` (the resumed checkpoint); drop later ones and torn lines."""
+    keep = []
     with open(self.path) as f:
-      keep = [l for l in f if l.strip() and json.loads(l).get('step', 0) <= step]
-    with open(self.path, 'w') as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:   # a write cut short by kill -9
+          continue
+        if row.get('step', 0) <= step:
+          keep.append(json.dumps(row) + '\n')
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
       f.writelines(keep)
+    os.replace(tmp, self.path)   # a kill here leaves the old file or the new one, never half
 
   def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
     row = {'step': int(step)}
     row.update({k: v if isinstance(v, str) else float(v) for k, v in metrics.items()})
     self.file.write(json.dumps(row) + '\n')
@@ -35,5 +53,6 @@ class MetricsWriter:
     self.tb.flush()
 
   def close(self):
-    self.file.close()
-    self.tb.close()
+    if self.enabled:
+      self.file.close()
+      self.tb.close()

@@ -107,9 +107,28 @@ def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0):
       batch['loss_mask'], logits_chunk)
 
 
+def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
+  """Apply the optimizer only when the loss and every gradient are finite; otherwise keep the
+  parameters and optimizer state (its step count too) and report the step as skipped.
+  -> (new state, metrics: grad_norm, nonfinite (1.0 = skipped))."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new = TrainState(step=state.step + 1,
+                   params=merge_params(keep(new_trainable, trainable), frozen),
+                   opt_state=keep(opt_state, state.opt_state))
+  return new, dict(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict,
                     schedule: Callable | None = None, logits_chunk: int = 0):
-  """Returns train_step(state, batch) -> (state, metrics); batch leaves are [accum, b, ...]."""
+  """Returns train_step(state, batch) -> (state, metrics); batch leaves are [accum, b, ...].
+
+  A step whose loss or gradients are not finite leaves params and optimizer state unchanged
+  and reports `nonfinite` = 1 (`guarded_update`).
+  """
 
   def train_step(state: TrainState, batch):
     trainable, frozen = split_params(state.params, mask)
@@ -129,14 +148,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
     else:
       grads, out = jax.lax.scan(micro_step, zeros, batch)
       out = jax.tree.map(jnp.sum, out)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = dict(loss=out['loss_sum'] / n_tokens, token_accuracy=out['correct'] / n_tokens,
-                   loss_tokens=out['tokens'], grad_norm=optax.tree.norm(grads))
+    loss = out['loss_sum'] / n_tokens
+    new, metrics = guarded_update(state, trainable, frozen, grads, loss, tx)
+    metrics.update(loss=loss, token_accuracy=out['correct'] / n_tokens, loss_tokens=out['tokens'])
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
-    new = TrainState(step=state.step + 1, params=merge_params(trainable, frozen),
-                     opt_state=opt_state)
     return new, metrics
 
   return train_step
