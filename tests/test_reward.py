@@ -128,8 +128,8 @@ class ShoutedRejected(preference.PreferenceTask):
   """A separable toy preference on the built-in pairs: the rejected answer is written in
   capitals (other tokens), so the preference is learnable from text alone in a few steps."""
 
-  def pair(self, index):
-    s, chosen, rejected = super().pair(index)
+  def pair(self, index, **kw):
+    s, chosen, rejected = super().pair(index, **kw)
     return s, chosen, rejected.upper()
 
 

@@ -106,6 +106,18 @@ def prefetch(it: Iterator, size: int) -> Iterator:
     stop.set()
 
 
+def train_batches(task, start_step: int, batch_size: int, accum: int):
+  """Single-process batches by sample index (`task.batch`), as [accum, micro, ...] arrays: batch
+  of step s = samples [s * batch_size, (s + 1) * batch_size). Used by the reward-model and
+  iterative-DPO entry points, whose resume position is their step."""
+  step = start_step
+  while True:
+    b = task.batch(step * batch_size, batch_size)
+    yield {k: v.reshape((accum, batch_size // accum) + v.shape[1:]) for k, v in b.items()
+           if k != 'num_images'}
+    step += 1
+
+
 def train_iterator(task, sc, stage: str, mesh, start: int, data_state: dict | None):
   """The stage's training iterator for this process's rows, positioned after step `start`."""
   micro = sc.batch_size // sc.grad_accum

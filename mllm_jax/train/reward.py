@@ -409,8 +409,7 @@ def train_reward(config, workdir: str) -> dict:
     step_fn = make_reward_train_step(
         factory.model, tx, mask, schedule=optim.learning_rate_schedule(sc.optim, sc.steps),
         center_rewards_coefficient=sc.center_rewards_coefficient)
-    batches = loop.prefetch(loop.train_batches(train_task, start, sc.batch_size, sc.grad_accum),
-                            config.data.prefetch)
+    batches = loop.train_batches(train_task, start, sc.batch_size, sc.grad_accum)
     config_json = config.to_json_best_effort()
     jstep, t0 = None, time.time()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
