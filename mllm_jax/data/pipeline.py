@@ -569,3 +569,37 @@ def tfds_task(tokenizer, cfg: PipelineConfig, split: str, name: str, data_dir: s
   from mllm_jax.data import tfds_builders
   src = tfds_builders.load_data_source(data_dir, name, split)
   return FileTask(tokenizer, TfdsSource(src), cfg, f'{name} ({split})')
+
+
+def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask:
+  """`config.data` (source 'llava_json' | 'tfds') -> the FileTask of a stage's `task`
+  ('caption' | 'vqa' | 'dpo') and `split` ('train' | 'eval'); sizes from the model config."""
+  d = config.data
+  if mcfg.vision is None:
+    raise ValueError('file-based data needs a vision tower (config.model.vision.kind)')
+  try:
+    buckets = tuple(int(b) for b in str(d.buckets).split(',') if b.strip())
+  except ValueError:
+    raise ValueError(f'config.data.buckets={d.buckets!r}: expected comma-separated lengths, '
+                     "e.g. '256,512,1024'") from None
+  kind = records.kind_for_task(task)
+  cfg = PipelineConfig(
+      kind=kind, max_len=d.max_len, buckets=buckets, max_images=d.max_images,
+      image_size=mcfg.vision.image_size, num_image_tokens=mcfg.vision.num_tokens,
+      image_norm=d.image_norm, pad_to_square=d.pad_to_square, bad_input=d.bad_input,
+      truncate=d.truncate, packing=d.packing and split == 'train', window=d.window,
+      workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed)
+  files = lambda s: [f.strip() for f in str(s).split(',') if f.strip()]
+  if d.source == 'llava_json':
+    if not files(d.train_files):
+      raise ValueError("config.data.source='llava_json' needs config.data.train_files")
+    return json_task(tokenizer, cfg, split, files(d.train_files), files(d.eval_files),
+                     d.eval_fraction, d.image_root)
+  if not d.tfds_name or not d.tfds_dir:
+    raise ValueError("config.data.source='tfds' needs config.data.tfds_name and tfds_dir")
+  from mllm_jax.data import tfds_builders
+  if tfds_builders.kind_of(d.tfds_name) != kind:
+    raise ValueError(f'config.data.tfds_name={d.tfds_name!r} holds '
+                     f'{tfds_builders.kind_of(d.tfds_name)} records, but task {task!r} reads '
+                     f'{kind} records')
+  return tfds_task(tokenizer, cfg, split, d.tfds_name, d.tfds_dir)

@@ -65,6 +65,10 @@ def _rebuild_bad_sample(reason, source, sample_id, message):
 # ----------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------
+class UnparsableRecord(str):
+  """A JSONL line that is not JSON (the string says why); `parse` makes it a bad record."""
+
+
 class JsonRecords:
   """Random access to the raw records of JSON / JSONL files: `len`, `[i] -> (raw, 'file:line')`.
 
@@ -112,8 +116,8 @@ class JsonRecords:
     where = f'{path}:{pos}'
     try:
       return json.loads(line), where
-    except json.JSONDecodeError as e:
-      raise ValueError(f'{where}: not a JSON record ({e})') from None
+    except json.JSONDecodeError as e:   # a bad sample like any other: the policy decides
+      return UnparsableRecord(f'not a JSON record ({e})'), where
 
 
 def record_id(raw: Any, index: int) -> str:
@@ -232,6 +236,8 @@ def parse(raw: Any, kind: str, source: str, index: int = 0) -> dict:
   def bad(reason, detail):
     return BadSample(reason, source, sid, detail)
 
+  if isinstance(raw, UnparsableRecord):
+    raise bad('bad_record', str(raw))
   if not isinstance(raw, dict):
     raise bad('bad_record', f'a record must be a JSON object, got {type(raw).__name__}')
   out: dict = {'id': sid, 'source': source}
