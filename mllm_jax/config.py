@@ -63,12 +63,17 @@ def base_config() -> CD:
       max_len=2048, max_images=1, image_norm='clip', prefetch=2,
       # File-based sources (mllm_jax.data.pipeline, docs/data.md). The stage's task picks the
       # record kind: caption -> caption pairs, vqa -> conversations, dpo -> preference pairs.
-      train_files='',         # llava_json: comma-separated JSON / JSONL files
+      train_files='',         # llava_json: comma-separated JSON / JSONL files (conversations)
       eval_files='',          # llava_json: held-out files; '' holds out eval_fraction by id
+      caption_files='',       # llava_json: caption task (pretrain) files; '' = train_files
+      caption_eval_files='',
+      preference_files='',    # llava_json: dpo task files; '' = train_files
+      preference_eval_files='',
       eval_fraction=0.0,
       image_root='',          # llava_json: directory the records' image paths start from
-      tfds_name='',           # tfds: e.g. 'llava_conversations/mix665k' (tfds_builders)
-      tfds_dir='',            # tfds: its data_dir
+      tfds_name='',           # tfds: e.g. 'llava_conversations/mix665k' (tfds_builders); a
+                              # comma-separated list gives each task the dataset of its kind
+      tfds_dir='',            # tfds: their data_dir
       bad_input='strict',     # 'strict': stop naming file + sample id | 'skip': drop and count
       truncate=False,         # cut over-long samples at max_len (never through image tokens)
       packing=False,          # several samples per row (segment ids, per-sample positions)

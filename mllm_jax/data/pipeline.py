@@ -591,15 +591,19 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
       workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed)
   files = lambda s: [f.strip() for f in str(s).split(',') if f.strip()]
   if d.source == 'llava_json':
-    if not files(d.train_files):
-      raise ValueError("config.data.source='llava_json' needs config.data.train_files")
-    return json_task(tokenizer, cfg, split, files(d.train_files), files(d.eval_files),
-                     d.eval_fraction, d.image_root)
+    prefix = {'caption': 'caption_', 'preference': 'preference_'}.get(kind, '')
+    train, evals = files(d.train_files), files(d.eval_files)
+    if prefix and files(d[prefix + 'files']):
+      train, evals = files(d[prefix + 'files']), files(d[prefix + 'eval_files'])
+    if not train:
+      raise ValueError(f"config.data.source='llava_json' needs config.data.train_files (or "
+                       f"config.data.{prefix or 'train_'}files for task {task!r})")
+    return json_task(tokenizer, cfg, split, train, evals, d.eval_fraction, d.image_root)
   if not d.tfds_name or not d.tfds_dir:
     raise ValueError("config.data.source='tfds' needs config.data.tfds_name and tfds_dir")
   from mllm_jax.data import tfds_builders
-  if tfds_builders.kind_of(d.tfds_name) != kind:
-    raise ValueError(f'config.data.tfds_name={d.tfds_name!r} holds '
-                     f'{tfds_builders.kind_of(d.tfds_name)} records, but task {task!r} reads '
-                     f'{kind} records')
-  return tfds_task(tokenizer, cfg, split, d.tfds_name, d.tfds_dir)
+  names = {tfds_builders.kind_of(n): n for n in files(d.tfds_name)}
+  if kind not in names:
+    raise ValueError(f'config.data.tfds_name={d.tfds_name!r} has no dataset of {kind} records, '
+                     f'which task {task!r} reads (builder {tfds_builders.BUILDERS[kind].name})')
+  return tfds_task(tokenizer, cfg, split, names[kind], d.tfds_dir)
