@@ -297,3 +297,56 @@ def test_a_dataset_that_yields_nothing_is_an_error(tok, root):
   task = pipeline.json_task(tok, cfg(bad_input='skip'), 'train', [path])
   assert task.batch(0, 2)['attention_mask'].any(1).tolist() == [True, True]
   assert task.skipped() == {'bad_record': 1}
+
+
+# ---- from config ------------------------------------------------------------------------------
+
+def test_tasks_from_config_for_json_and_tfds(tmp_path):
+  """configs/llava_json_demo.py on the scenes task exported as files: each stage's task reads
+  its own files (captions for pretrain, conversations for SFT), from JSON or from TFDS."""
+  from mllm_jax.config import load_config
+  from mllm_jax.data import export
+  from mllm_jax.train import loop
+  paths = export.export(str(tmp_path / 'scenes'), 12, 4, image_size=40)
+  here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = {'data.image_root': str(tmp_path / 'scenes' / 'images'),
+          'data.caption_files': paths['caption_train'],
+          'data.caption_eval_files': paths['caption_eval'],
+          'data.train_files': paths['vqa_train'], 'data.eval_files': paths['vqa_eval'],
+          'data.workers': 0}
+  config = load_config(os.path.join(here, 'configs', 'llava_json_demo.py'), over)
+  tok = loop.load_tokenizer(config, str(tmp_path / 'work'))
+  mcfg = loop.model_config(config, tok)
+  img = tok.convert_tokens_to_ids('<image>')
+  n = mcfg.vision.num_tokens
+  batches = {}
+  for task in ('caption', 'vqa'):
+    for split in ('train', 'eval'):
+      t = loop.make_task(config, tok, mcfg, task, split)
+      b = batches[task, split] = t.batch(0, 12)
+      assert b['pixel_values'].shape[2:] == (32, 32, 3)
+      assert b['attention_mask'][:, 0].tolist() == [1] * (12 if split == 'train' else 4) + [0] * (
+          0 if split == 'train' else 8)
+      assert ((b['input_ids'] == img).sum(1) == n * b['num_images']).all()
+  cap = batches['caption', 'train']
+  assert (cap['input_ids'][:, 0] == tok.bos_token_id).all()
+  assert (cap['input_ids'][:, 1:1 + n] == img).all()     # plain template: image first
+  assert tok.decode(cap['input_ids'][0][cap['loss_mask'][0] > 0]).endswith('.</s>')
+  # the same data as TFDS datasets: each task finds the dataset of its kind
+  tfds_dir = str(tmp_path / 'tfds')
+  names = [tfds_builders.build(kind, 'scenes', [paths[f'{f}_train']], tfds_dir,
+                               eval=[paths[f'{f}_eval']],
+                               image_root=str(tmp_path / 'scenes' / 'images'))
+           for kind, f in (('caption', 'caption'), ('conversation', 'vqa'))]
+  config = load_config(os.path.join(here, 'configs', 'llava_json_demo.py'), {
+      'data.source': 'tfds', 'data.tfds_name': ','.join(names), 'data.tfds_dir': tfds_dir})
+  for task in ('caption', 'vqa'):
+    for split in ('train', 'eval'):
+      b = loop.make_task(config, tok, mcfg, task, split).batch(0, 12)
+      rows = lambda x: sorted(map(tuple, x['input_ids'].tolist()))   # TFDS orders by key hash
+      assert rows(b) == rows(batches[task, split])
+  with pytest.raises(ValueError, match='has no dataset of preference records'):
+    loop.make_task(config, tok, mcfg, 'dpo', 'train')
+  config = load_config(os.path.join(here, 'configs', 'llava_json_demo.py'))
+  with pytest.raises(ValueError, match='needs config.data.train_files'):
+    loop.make_task(config, tok, mcfg, 'vqa', 'train')
