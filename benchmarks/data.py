@@ -16,6 +16,9 @@ Also reports LLaVA-1.5 image sizes (336 px, 576 tokens) for reference.
 
 The last line is machine-readable:
     pipeline_samples_per_s=<best> train_samples_per_s=<x> headroom=<pipeline / train>
+    cpu_ratio=<train CPU-s per sample / in-process pipeline CPU-s per sample>
+(cpu_ratio is the load-independent figure: on a shared machine the wall-clock rates swing with
+other processes' load, the CPU cost per sample much less.)
 """
 from __future__ import annotations
 
@@ -99,13 +102,15 @@ def time_pipeline(tok, path, root, *, workers, batches, batch_size, image_size, 
     for _ in range(cfg.window - 1 + workers * cfg.worker_buffer):
       next(it)
     batches = -(-batches // cfg.window) * cfg.window
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
       b = next(it)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
   finally:
     it.close()
-  return batches * batch_size / dt, first
+  # CPU seconds per sample of this process (all its threads): with workers=0 that is the whole
+  # pipeline's cost, which load from other processes barely changes.
+  return batches * batch_size / dt, first, cpu / (batches * batch_size)
 
 
 def time_train_step(tok, batch, steps):
@@ -135,12 +140,13 @@ def time_train_step(tok, batch, steps):
     for _ in range(2):
       state, m = fn(state, b)
     jax.block_until_ready(m)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
       state, m = fn(state, b)
     jax.block_until_ready(m)
-    dt = time.perf_counter() - t0
-  return steps * batch['input_ids'].shape[1] / dt
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+  n = steps * batch['input_ids'].shape[1]
+  return n / dt, cpu / n
 
 
 def main(argv=None):
@@ -159,18 +165,23 @@ def main(argv=None):
     path = write_dataset(root, n_rec, n_img)
     tok = tok_lib.load_tokenizer(tok_lib.build_demo_tokenizer(os.path.join(root, 'tok')))
     print(f'wrote the dataset in {time.perf_counter() - t0:.1f} s')
-    results, batch = {}, None
+    results = {}
+    cpu_ms = {}
     for w in a.workers:
-      sps, first = time_pipeline(tok, path, root, workers=w, batches=batches, batch_size=32,
-                                 image_size=32, tokens=16, max_len=96, buckets=(48, 64, 80))
-      batch = batch or first
+      sps, first, cpu = time_pipeline(tok, path, root, workers=w, batches=batches,
+                                      batch_size=32, image_size=32, tokens=16, max_len=96,
+                                      buckets=(48, 64, 80))
       results[w] = sps
-      print(f'demo sizes (32 px, 16 image tokens, batch 32), workers={w}: {sps:8.1f} samples/s')
+      extra = f', {cpu * 1e3:.2f} CPU ms/sample' if w == 0 else ''
+      cpu_ms['demo'] = cpu_ms.get('demo', cpu * 1e3)
+      print(f'demo sizes (32 px, 16 image tokens, batch 32), workers={w}: {sps:8.1f} '
+            f'samples/s{extra}')
     for w in (0, max(a.workers)):
-      sps, _ = time_pipeline(tok, path, root, workers=w, batches=max(8, batches // 2),
-                             batch_size=16, image_size=336, tokens=576, max_len=1280)
+      sps, _, cpu = time_pipeline(tok, path, root, workers=w, batches=max(8, batches // 2),
+                                  batch_size=16, image_size=336, tokens=576, max_len=1280)
+      extra = f', {cpu * 1e3:.2f} CPU ms/sample' if w == 0 else ''
       print(f'LLaVA-1.5 sizes (336 px, 576 image tokens, batch 16), workers={w}: '
-            f'{sps:8.1f} samples/s')
+            f'{sps:8.1f} samples/s{extra}')
     # the train step on a batch of the demo's full length, as the loop feeds it
     from mllm_jax.data import pipeline
     cfg = pipeline.PipelineConfig(kind='conversation', max_len=96, max_images=2, image_size=32,
@@ -178,11 +189,12 @@ def main(argv=None):
     task = pipeline.json_task(tok, cfg, 'train', [path], image_root=os.path.join(root, 'images'))
     it = task.train_iterator(32, 1, 0, 1)
     train_batch = next(it)
-    train = time_train_step(tok, train_batch, steps=4 if a.quick else 10)
-    print(f"demo SFT train step (configs/demo.py model, batch 32 x 96): {train:8.1f} samples/s")
+    train, train_cpu = time_train_step(tok, train_batch, steps=4 if a.quick else 10)
+    print(f'demo SFT train step (configs/demo.py model, batch 32 x 96): {train:8.1f} samples/s, '
+          f'{train_cpu * 1e3:.2f} CPU ms/sample')
     best = max(results.values())
     print(f'pipeline_samples_per_s={best:.1f} train_samples_per_s={train:.1f} '
-          f'headroom={best / train:.2f}')
+          f'headroom={best / train:.2f} cpu_ratio={train_cpu * 1e3 / cpu_ms["demo"]:.2f}')
 
 
 if __name__ == '__main__':

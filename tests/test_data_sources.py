@@ -133,8 +133,9 @@ PREFS = [
 
 def test_preference_records(tok, root):
   path = write_json(str(root / 'p.jsonl'), PREFS, jsonl=True)
-  b = pipeline.json_task(tok, cfg('preference'), 'train', [path],
-                         image_root=str(root / 'images')).batch(0, 4)
+  task = pipeline.json_task(tok, cfg('preference', buckets=(32, 48, 64)), 'train', [path],
+                            image_root=str(root / 'images'))
+  b = task.batch(0, 4)
   img = tok.convert_tokens_to_ids('<image>')
   assert set(b) == {'chosen_input_ids', 'chosen_attention_mask', 'chosen_loss_mask',
                     'rejected_input_ids', 'rejected_attention_mask', 'rejected_loss_mask',
@@ -149,6 +150,12 @@ def test_preference_records(tok, root):
     np.testing.assert_array_equal(b['chosen_input_ids'][r, :n], b['rejected_input_ids'][r, :n])
   assert b['num_images'].tolist() == [1, 1, 1, 0]
   np.testing.assert_allclose(b['pixel_values'][2, 0], expected_pixels(root / 'images/sub/c.jpg'))
+  # training batches for the DPO step: [accum, micro, ...], both sides padded to one bucket
+  t = next(task.train_iterator(4, 2, 0, 1))
+  assert set(t) == set(b) - {'num_images'}
+  assert t['chosen_input_ids'].shape[:2] == (2, 2) and t['pixel_values'].shape[:3] == (2, 2, 2)
+  assert t['chosen_input_ids'].shape == t['rejected_input_ids'].shape
+  assert t['chosen_input_ids'].shape[-1] in (32, 48, 64, 96)
 
 
 @pytest.mark.parametrize('kind,recs', [('conversation', CONVS), ('preference', PREFS[:3])])
