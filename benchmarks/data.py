@@ -3,10 +3,10 @@
     python benchmarks/data.py              # 2000 records, 40 batches per setting (~3 min)
     python benchmarks/data.py --quick      # 600 records, 12 batches per setting
 
-Writes real files into a temporary directory: JPEG photos-like images (640 x 480, smooth colour
+Writes real files into a temporary directory: photo-like JPEGs (640 x 480, smooth colour
 fields with shapes; quality 90) and PNGs (320 x 320), and a LLaVA JSON of 1-2 turn
-conversations (85% with one image, 5% with two (one turn), 10% text-only). Then times the grain pipeline
-of `mllm_jax.data.pipeline` (parse + validate, JPEG/PNG decode, CLIP resize / centre crop /
+conversations (85% with one image, 5% with two (one turn), 10% text-only). Then times the
+grain pipeline of `mllm_jax.data.pipeline` (parse + validate, JPEG/PNG decode, CLIP resize / centre crop /
 normalise, chat template + assistant masks, length-bucketed batching) at the demo's sizes
 (configs/demo.py: 32 px images, 16 image tokens, batch 32; max_len 96 with buckets
 48/64/80, as these conversations run to ~90 tokens), in-process and with grain worker

@@ -26,7 +26,7 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import grain
 import numpy as np
