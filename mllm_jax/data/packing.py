@@ -34,14 +34,15 @@ def _pixels(rows: int, max_images: int, image_shape) -> np.ndarray:
 
 
 def collate(samples: Sequence[dict], rows: int, seq_len: int, max_images: int, image_shape,
-            pad_id: int) -> dict[str, np.ndarray]:
+            pad_id: int, pairs: bool = False) -> dict[str, np.ndarray]:
   """One sample per row, right-padded to seq_len; rows beyond len(samples) are empty (all
   masks 0), so a short final batch keeps its shape without adding loss.
 
   Returns input_ids, attention_mask, turn_ids [R, T] int32, loss_mask [R, T] float32,
-  pixel_values [R, M, H, W, 3] float32 (unused slots zero), num_images [R] int32.
+  pixel_values [R, M, H, W, 3] float32 (unused slots zero), num_images [R] int32; or with
+  pairs=True (preference samples) `collate_pairs`' arrays.
   """
-  if samples and 'chosen_input_ids' in samples[0]:
+  if pairs:
     return collate_pairs(samples, rows, seq_len, max_images, image_shape, pad_id)
   out = {'input_ids': np.full((rows, seq_len), pad_id, np.int32),
          'attention_mask': np.zeros((rows, seq_len), np.int32),

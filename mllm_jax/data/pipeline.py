@@ -310,8 +310,14 @@ class _WindowBatcherIterator(grain.DatasetIterator):
     self._emitted = state['emitted']
 
   def _next_sample(self, counts):
-    """Next good sample from the parent (None at its end), counting skipped ones."""
-    for el in self._parent:
+    """(next good sample, the parent's state just before it), or (None, None) at the end;
+    skipped samples on the way are counted."""
+    while True:
+      before = self._parent.get_state()
+      try:
+        el = next(self._parent)
+      except StopIteration:
+        return None, None
       if SKIPPED in el:
         counts[records.REASONS.index(el[SKIPPED])] += 1
         self._skips_in_a_row += 1
@@ -321,16 +327,14 @@ class _WindowBatcherIterator(grain.DatasetIterator):
               f'{dict(zip(records.REASONS, counts.tolist()))}): the dataset yields nothing')
         continue
       self._skips_in_a_row = 0
-      return el
-    return None
+      return el, before
 
   def _read_window(self) -> list[dict]:
     c, rows, counts = self.ds.cfg, self.ds.rows, np.zeros(len(records.REASONS), np.int64)
     if c.packing:
       bins, used = [[] for _ in range(c.window * rows)], [[0, 0] for _ in range(c.window * rows)]
       while True:
-        before = self._parent.get_state()
-        s = self._next_sample(counts)
+        s, before = self._next_sample(counts)
         if s is None:
           break
         if not packing.first_fit(bins, used, s, c.max_len, c.max_images):
@@ -343,7 +347,7 @@ class _WindowBatcherIterator(grain.DatasetIterator):
     else:
       samples = []
       while len(samples) < c.window * rows:
-        s = self._next_sample(counts)
+        s, _ = self._next_sample(counts)
         if s is None:
           break
         samples.append(s)
@@ -351,14 +355,24 @@ class _WindowBatcherIterator(grain.DatasetIterator):
       chunks = [samples[i:i + rows] for i in range(0, len(samples), rows)]
       batches = [packing.collate(ch, rows, packing.bucket_length(packing.length(ch[-1]),
                                                                  c.lengths),
-                                 c.max_images, c.image_shape, self.ds.pad_id) for ch in chunks]
+                                 c.max_images, c.image_shape, self.ds.pad_id,
+                                 c.kind == 'preference') for ch in chunks]
       order = np.random.default_rng((c.seed, self._window)).permutation(len(batches))
       batches = [batches[i] for i in order]
+    if not batches and counts.any():
+      if self._window == 0:
+        raise ValueError(f'every sample was bad input (skip counts by reason: '
+                         f'{dict(zip(records.REASONS, counts.tolist()))}): the dataset yields '
+                         'nothing')
+      # Only skipped samples at the end of a finite parent: an empty batch carries their counts.
+      if c.packing:
+        batches = [packing.collate_packed([], rows, c.max_len, c.max_images, c.image_shape,
+                                          self.ds.pad_id)]
+      else:
+        batches = [packing.collate([], rows, c.lengths[0], c.max_images, c.image_shape,
+                                   self.ds.pad_id, c.kind == 'preference')]
     if batches:
       batches[0][SKIPPED] = counts
-    elif counts.any():   # skipped samples at the very end of a finite parent
-      raise ValueError(f'the data ended with only skipped samples '
-                       f'{dict(zip(records.REASONS, counts.tolist()))}')
     return batches
 
 
@@ -486,7 +500,7 @@ class FileTask:
     ds = ds[process_index::process_count]
     ds = ds.map(self.preprocess)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if c.workers else 2,
-                                              prefetch_buffer_size=rows))
+                                              prefetch_buffer_size=max(rows, 2)))
     it = WindowBatcher(it, c, rows, self.tokenizer.pad_token_id,
                        max_consecutive_skips=2 * len(self.source) + 8)
     if c.workers:
@@ -534,7 +548,7 @@ class FileTask:
                        f'(skipped by reason: {dict(self._skipped)}): the dataset yields nothing')
     c = self.cfg
     return packing.collate(samples, size, c.max_len, c.max_images, c.image_shape,
-                           self.tokenizer.pad_token_id)
+                           self.tokenizer.pad_token_id, c.kind == 'preference')
 
   def skipped(self) -> dict[str, int]:
     total = collections.Counter(self._skipped)
