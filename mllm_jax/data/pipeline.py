@@ -484,7 +484,8 @@ class FileTask:
     self.tokenizer, self.source, self.cfg, self.name = tokenizer, source, cfg, name
     self.max_len = cfg.max_len
     self.preprocess = Preprocess(tokenizer, cfg)
-    self._good: list[dict] = []     # batch(): good samples in source order, as found
+    self._good: list[int] = []      # batch(): source indices of usable samples, as found
+    self._samples: dict[int, dict] = {}
     self._next_index = 0
     self._skipped = collections.Counter()
     self._iterators: list[TrainIterator] = []
@@ -531,14 +532,27 @@ class FileTask:
 
   # -- evaluation
   def _good_sample(self, k: int) -> dict | None:
+    """The k-th usable sample in source order (None past the end). Remembers where every
+    usable sample is, but keeps only recent samples' arrays."""
     while len(self._good) <= k and self._next_index < len(self.source):
       s = self.preprocess.map(self.source[self._next_index])
-      self._next_index += 1
       if SKIPPED in s:
         self._skipped[s[SKIPPED]] += 1
       else:
-        self._good.append(s)
-    return self._good[k] if k < len(self._good) else None
+        self._good.append(self._next_index)
+        self._cache_sample(self._next_index, s)
+      self._next_index += 1
+    if k >= len(self._good):
+      return None
+    i = self._good[k]
+    if i not in self._samples:
+      self._cache_sample(i, self.preprocess.sample(self.source[i]))
+    return self._samples[i]
+
+  def _cache_sample(self, i, s):
+    if len(self._samples) >= 4096:
+      self._samples.clear()
+    self._samples[i] = s
 
   def batch(self, start: int, size: int) -> dict[str, np.ndarray]:
     samples = [s for s in (self._good_sample(k) for k in range(start, start + size))
