@@ -207,6 +207,12 @@ def test_resume_continues_with_exactly_the_next_batch(tok, data, packing):
   fresh = task_of(tok, data, **kw).train_iterator(8, 2, 0, 1)
   fresh.set_state(states[6])
   assert fresh.skipped() == states[6]['skipped']
+  # next_with_state: the state that comes with a batch resumes right after it
+  b, state = fresh.next_with_state()
+  assert equal_batches(b, seen[6]) and state == json.loads(json.dumps(state))
+  again = task_of(tok, data, **kw).train_iterator(8, 2, 0, 1)
+  again.set_state(state)
+  assert equal_batches(next(again), seen[7])
 
 
 def test_worker_processes_resume_exactly_and_report_skips(tok, data):

@@ -383,6 +383,7 @@ class TrainIterator:
   """`next()` -> {key: [accum, micro, ...]} numpy arrays of this process's rows.
 
   get_state() -> JSON-serialisable dict (grain state + skip counts); set_state(state).
+  next_with_state() -> (batch, state after it), for loops that prefetch in a thread.
   skipped() -> {reason: count} of samples dropped so far under bad_input='skip'.
   """
 
@@ -406,6 +407,13 @@ class TrainIterator:
     if self.sync_lengths:
       b = _pad_to_common_length(b, self.pad_id)
     return {k: v.reshape((self.accum, self.micro) + v.shape[1:]) for k, v in b.items()}
+
+  def next_with_state(self) -> tuple[dict[str, np.ndarray], dict]:
+    """(next batch, the state to resume right after it). For a loop that prefetches batches
+    in a thread: checkpoint the state that came with the last batch it trained on, not
+    get_state(), which is already past the prefetched ones."""
+    b = next(self)
+    return b, self.get_state()
 
   def skipped(self) -> dict[str, int]:
     return dict(self._skipped)
