@@ -1,7 +1,8 @@
 """The grain pipeline: chat-template masking (demo and a locally built Qwen-style tokenizer),
-per-process shards of a seeded global shuffle, length buckets, packing (loss through the real
-model equals the unpacked loss), exact resume from a saved iterator state (in-process and with
-worker processes), and a short training run from LLaVA JSON through `loop.run`."""
+per-process shards of a seeded global shuffle, length buckets (agreed across 2 jax.distributed
+processes), packing (loss through the real model equals the unpacked loss), exact resume from
+a saved iterator state (in-process and with worker processes), and a short training run from
+LLaVA JSON through `loop.run`."""
 import json
 import os
 
@@ -264,3 +265,64 @@ def test_training_from_llava_json(tmp_path):
   assert len(losses) == 8 and np.isfinite(losses).all()
   assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2])
   assert np.isfinite(out['eval/loss'])
+
+
+# ---- several processes ------------------------------------------------------------------------
+
+WORKER = r'''
+import json, sys
+import jax
+import numpy as np
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2,
+                           process_id=int(sys.argv[2]))
+from mllm_jax.data import pipeline, tokenizer as tok_lib
+tok = tok_lib.load_tokenizer(sys.argv[3])
+cfg = pipeline.PipelineConfig(kind='conversation', max_len=96, buckets=tuple(range(24, 96, 4)),
+                              max_images=2, image_size=16, num_image_tokens=4, bad_input='skip',
+                              window=2)
+task = pipeline.json_task(tok, cfg, 'train', [sys.argv[4]], image_root=sys.argv[5])
+synced = task.train_iterator(8, 2)        # jax.process_index() / process_count()
+own = pipeline.TrainIterator(task.dataset(4, jax.process_index(), 2), 2, 2, False)
+out = []
+for _ in range(6):
+  a, b = next(synced), next(own)
+  t = b['input_ids'].shape[-1]
+  assert a.keys() == b.keys()
+  for k in a:   # the same rows, only padded further
+    if a[k].ndim >= 3 and k != 'pixel_values':
+      np.testing.assert_array_equal(a[k][:, :, :t], b[k])
+      fill = tok.pad_token_id if k == 'input_ids' else 0
+      assert (a[k][:, :, t:] == fill).all()
+    else:
+      np.testing.assert_array_equal(a[k], b[k])
+  out.append([a['input_ids'].shape[-1], t])
+print('RESULT ' + json.dumps(out))
+'''
+
+
+def test_two_processes_agree_on_each_step_length(demo_dir, data, tmp_path):
+  """jax.distributed with 2 CPU processes (gloo): each reads its own shard, and every step's
+  bucket length is the longest either process chose (what a global batch needs)."""
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(PYTHONPATH=root + os.pathsep + env.get('PYTHONPATH', ''),
+             TOKENIZERS_PARALLELISM='false')
+  procs = [subprocess.Popen([sys.executable, '-c', WORKER, f'localhost:{port}', str(i), demo_dir,
+                             data[0], data[1]], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err[-3000:]
+    results.append(json.loads(out.split('RESULT ')[1]))
+  (s0, own0), (s1, own1) = (np.array(r).T for r in results)
+  np.testing.assert_array_equal(s0, s1)
+  np.testing.assert_array_equal(s0, np.maximum(own0, own1))
+  assert (own0 != own1).any()    # the processes did choose differently
