@@ -59,9 +59,30 @@ def base_config() -> CD:
       remat_policy='none', vision_remat_policy='none',
       init_from=''))                    # every param from a convert / training / HF checkpoint
   c.data = CD(dict(
-      source='synthetic',     # built-in scenes task; real formats come with the data pipeline
+      source='synthetic',     # 'synthetic' (built-in scenes task) | 'llava_json' | 'tfds'
       tokenizer='',           # HF tokenizer dir; '' builds the demo tokenizer in WORKDIR/tokenizer
-      max_len=2048, max_images=1, image_norm='clip', prefetch=2))
+      max_len=2048, max_images=1, image_norm='clip', prefetch=2,
+      # File-based sources (mllm_jax.data.pipeline, docs/data.md). The stage's task picks the
+      # record kind: caption -> caption pairs, vqa -> conversations, dpo -> preference pairs.
+      train_files='',         # llava_json: comma-separated JSON / JSONL files (conversations)
+      eval_files='',          # llava_json: held-out files; '' holds out eval_fraction by id
+      caption_files='',       # llava_json: caption task (pretrain) files; '' = train_files
+      caption_eval_files='',
+      preference_files='',    # llava_json: dpo task files; '' = train_files
+      preference_eval_files='',
+      eval_fraction=0.0,
+      image_root='',          # llava_json: directory the records' image paths start from
+      tfds_name='',           # tfds: e.g. 'llava_conversations/mix665k' (tfds_builders); a
+                              # comma-separated list gives each task the dataset of its kind
+      tfds_dir='',            # tfds: their data_dir
+      bad_input='strict',     # 'strict': stop naming file + sample id | 'skip': drop and count
+      truncate=False,         # cut over-long samples at max_len (never through image tokens)
+      packing=False,          # several samples per row (segment ids, per-sample positions)
+      buckets='',             # comma-separated row lengths < max_len to pad to (no packing)
+      window=8,               # batches formed per window of samples (length sort / packing)
+      workers=0,              # grain worker processes for decode + tokenise (0: in-process)
+      shuffle_seed=-1,        # -1: config.seed
+      pad_to_square=False))   # LLaVA-1.5 image_aspect_ratio='pad'
   c.train = CD(dict(
       stages='pretrain,sft', log_every=10, checkpoint_every=500, keep_checkpoints=2,
       eval_examples=256, eval_batch_size=64, progress_bar=True,

@@ -54,10 +54,12 @@ def model_config(config, tokenizer=None) -> MLLMConfig:
 
 
 def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):
+  if config.data.source in ('llava_json', 'tfds'):   # files: mllm_jax.data.pipeline
+    from mllm_jax.data import pipeline
+    return pipeline.task_from_config(config, tokenizer, mcfg, task, split)
   if config.data.source != 'synthetic':
-    raise ValueError(f'config.data.source={config.data.source!r}: only the built-in '
-                     "'synthetic' source exists so far (LLaVA JSON / TFDS sources come with the "
-                     'data-pipeline work)')
+    raise ValueError(f'config.data.source={config.data.source!r}: expected one of '
+                     "'synthetic', 'llava_json', 'tfds'")
   v = mcfg.vision
   if config.data.image_norm not in image_utils.NORMALIZATION:
     raise ValueError(f'config.data.image_norm={config.data.image_norm!r}: expected one of '
