@@ -278,9 +278,8 @@ def test_same_step_on_1_and_8_devices():
 def test_pretrain_step_trains_only_the_qformer_and_projection():
   """BLIP-2's stage 2: ViT and LLM frozen, the Q-Former (queries included) and projection train."""
   factory, state, tx, mask = setup(mesh1(), pattern='connector/.*')
-  assert set(factory.boxed) == {'vision', 'connector', 'llm'}
-  assert all(jax.tree.leaves(mask['connector']))
-  assert not any(jax.tree.leaves(mask['vision']) + jax.tree.leaves(mask['llm']))
+  assert all(v == k.startswith('connector/') for k, v in mask.items())
+  assert {k.split('/')[0] for k in mask} == {'vision', 'connector', 'llm'}
   before = jax.device_get(state.params)
   n_opt = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
   assert n_opt == 2 * sum(x.size for x in jax.tree.leaves(before['connector']))   # Adam mu, nu
