@@ -149,6 +149,18 @@ def test_logits_match_transformers_and_export_round_trips(kind, tmp_path):
   per_sample = dict(inputs, pixel_values=inputs['pixel_values'][:, None])
   assert_close(fwd(params, per_sample), ref, mask)
 
+  if kind == 'instructblip':   # greedy generation with the instruction equals transformers'
+    one = {k: v[:1] for k, v in inputs.items()}   # the longest prompt: no padding
+    assert one['attention_mask'].all()
+    with torch.no_grad():
+      ref_ids = hf.generate(**torch_inputs(one), max_new_tokens=4, do_sample=False)
+    ref_new = ref_ids[0, one['input_ids'].shape[1]:].numpy()
+    ours_new = np.asarray(mllm_jax.generate(
+        model, params, one['input_ids'], one['attention_mask'], one['pixel_values'],
+        max_new_tokens=4, qformer_input_ids=one['qformer_input_ids'],
+        qformer_attention_mask=one['qformer_attention_mask']))[0]
+    assert len(ref_new) >= 1 and (ours_new[:len(ref_new)] == ref_new).all(), (ours_new, ref_new)
+
   mllm_jax.save_hf(model, params, str(tmp_path / 'out'))
   back = type(hf).from_pretrained(tmp_path / 'out', attn_implementation='eager').eval()
   assert back.config.text_config.tie_word_embeddings == KINDS[kind][3]
