@@ -87,7 +87,8 @@ def mllm_to_hf(cfg: MLLMConfig, dtype: str = 'float32'):
                 num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
                 hidden_act=F.ACT_TO_HF[v.activation], layer_norm_eps=v.norm_eps,
                 qkv_bias=v.qkv_bias)
-  qformer = dict(vocab_size=q.vocab_size, hidden_size=q.hidden, num_hidden_layers=q.depth,
+  # a BLIP-2 Q-Former has no word embeddings: its vocab_size is unused (0 from a training config)
+  qformer = dict(vocab_size=q.vocab_size or 30522, hidden_size=q.hidden, num_hidden_layers=q.depth,
                  num_attention_heads=q.heads, intermediate_size=q.mlp_dim,
                  hidden_act=F.ACT_TO_HF[q.act], max_position_embeddings=q.max_position,
                  layer_norm_eps=q.norm_eps, cross_attention_frequency=q.cross_attention_every,
