@@ -52,8 +52,12 @@ def base_config() -> CD:
                hf_path=''),             # HF Llama/Mistral/Qwen2 dir to start the LLM from
       vision=dict(kind='clip', image_size=336, patch_size=14, width=1024, depth=24, heads=16,
                   mlp_dim=4096, norm_eps=1e-5, act='', feature_layer=-2,
-                  feature_select='patch', hf_path=''),
-      connector=dict(kind='mlp', depth=2, act='gelu', bias=True),
+                  feature_select='patch', qkv_bias=True, hf_path=''),
+      connector=dict(kind='mlp', depth=2, act='gelu', bias=True,
+                     # kind='qformer' (BLIP-2 / InstructBLIP; vocab_size 0: the tokenizer's)
+                     qformer=dict(num_queries=32, hidden=768, depth=12, heads=12, mlp_dim=3072,
+                                  norm_eps=1e-12, act='gelu', cross_attention_every=2,
+                                  instruction=False, vocab_size=0, max_position=512)),
       image_token_id=-1,                # -1: the tokenizer's '<image>' token
       dtype='float32', param_dtype='float32', attention='einsum', attention_blocks=1,
       remat_policy='none', vision_remat_policy='none',
@@ -82,7 +86,10 @@ def base_config() -> CD:
       window=8,               # batches formed per window of samples (length sort / packing)
       workers=0,              # grain worker processes for decode + tokenise (0: in-process)
       shuffle_seed=-1,        # -1: config.seed
-      pad_to_square=False))   # LLaVA-1.5 image_aspect_ratio='pad'
+      pad_to_square=False,   # LLaVA-1.5 image_aspect_ratio='pad'
+      # instruction-aware Q-Former (InstructBLIP): its tokenizer dir ('' = the LLM tokenizer)
+      # and the instruction length in tokens
+      qformer_tokenizer='', qformer_max_len=32))
   c.train = CD(dict(
       stages='pretrain,sft', log_every=10, checkpoint_every=500, keep_checkpoints=2,
       eval_examples=256, eval_batch_size=64, progress_bar=True,

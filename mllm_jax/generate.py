@@ -75,9 +75,9 @@ def diffusion_noise(pixel_values, rng, step: int, num_steps: int = 1000):
 # ----------------------------------------------------------------------------------------------
 # Prefill + decode
 # ----------------------------------------------------------------------------------------------
-def _generate(model, params, input_ids, attention_mask, pixel_values, rng, *, max_new_tokens,
-              cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id, vcd_alpha,
-              vcd_beta, vcd_noise_step, layer_loop):
+def _generate(model, params, input_ids, attention_mask, pixel_values, rng, qformer, *,
+              max_new_tokens, cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id,
+              vcd_alpha, vcd_beta, vcd_noise_step, layer_loop):
   b, t = input_ids.shape
   variables = {'params': params}
   rng, noise_rng = jax.random.split(rng)
@@ -85,6 +85,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, *, ma
     noised = diffusion_noise(pixel_values, noise_rng, vcd_noise_step)
     pixel_values = jnp.concatenate([pixel_values, noised], 0)
     input_ids, attention_mask = (jnp.concatenate([x, x], 0) for x in (input_ids, attention_mask))
+    qformer = {k: jnp.concatenate([x, x], 0) for k, x in qformer.items()}
   rows = input_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
 
@@ -93,7 +94,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, *, ma
 
   cache = model.apply(variables, rows, cache_len, method='init_cache')
   hidden, cache = model.apply(variables, input_ids, pixel_values, attention_mask, positions,
-                              cache=cache, method='hidden_states')
+                              cache=cache, method='hidden_states', **qformer)
   stops = jnp.asarray(stop_tokens or [-1], jnp.int32)
 
   def choose(logits, key):
@@ -181,19 +182,7 @@ def _compiled(model, **static):
 
 def tokens_per_image(model) -> int:
   """Sequence tokens one image becomes (the connector's output length)."""
-  v = model.cfg.vision
-  out = jax.eval_shape(lambda p: model.apply({'params': p}, jnp.zeros(
-      (1, v.image_size, v.image_size, 3), jnp.float32), method='encode_images'),
-      _abstract_params(model))
-  return int(out.shape[-2])
-
-
-@functools.lru_cache(maxsize=8)
-def _abstract_params(model):
-  import flax.linen as nn
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0),
-                                            input_ids=jnp.zeros((1, 8), jnp.int32))['params'])
-  return nn.meta.unbox(boxed)
+  return model.cfg.image_tokens
 
 
 def _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len):
@@ -241,8 +230,12 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
              seed: int = 0, cache_len: int | None = None, vcd_alpha: float = 0.0,
-             vcd_beta: float = 0.1, vcd_noise_step: int = 500, layer_loop: str = 'auto'):
+             vcd_beta: float = 0.1, vcd_noise_step: int = 500, qformer_input_ids=None,
+             qformer_attention_mask=None, layer_loop: str = 'auto'):
   """New token ids int32 [B, max_new_tokens] (pad_token_id after a stop token). See module doc.
+
+  qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction for its Q-Former
+  ([B, L] per sample, or one row per image of a flat image list).
 
   Runs on whatever devices `params` live on: call it under `jax.set_mesh(mesh)` and
   `nn.logical_axis_rules(rules)` to keep activations sharded like training does.
@@ -265,8 +258,11 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
                  stop_tokens=tuple(int(s) for s in stop_tokens), pad_token_id=int(pad_token_id),
                  vcd_alpha=float(vcd_alpha), vcd_beta=float(vcd_beta),
                  vcd_noise_step=int(vcd_noise_step), layer_loop=layer_loop)
+  qformer = {k: jnp.asarray(v, jnp.int32) for k, v in (
+      ('qformer_input_ids', qformer_input_ids),
+      ('qformer_attention_mask', qformer_attention_mask)) if v is not None}
   return fn(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
-            jax.random.key(seed))
+            jax.random.key(seed), qformer)
 
 
 # ----------------------------------------------------------------------------------------------

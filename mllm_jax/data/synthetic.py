@@ -232,6 +232,17 @@ def chance_accuracy(num_samples: int = 4000, *, seed: int = 0,
   return {k: hits[k] / totals[k] for k in totals}
 
 
+CAPTION_INSTRUCTION = 'A short image caption:'   # one of InstructBLIP's captioning prompts
+
+
+def instruction(sample: Sample) -> str:
+  """The text an instruction-aware Q-Former reads: the sample's questions (image tags removed),
+  or `CAPTION_INSTRUCTION` for a caption."""
+  if sample.caption is not None:
+    return CAPTION_INSTRUCTION
+  return ' '.join(m['content'].split('\n')[-1] for m in sample.messages if m['role'] == 'user')
+
+
 class SyntheticTask:
   """Fixed-shape numpy batches of the scenes task.
 
@@ -247,15 +258,25 @@ class SyntheticTask:
     turn_ids       int32   [B, T]  1-based answer index at target tokens, else 0
     pixel_values   float32 [B, M, H, W, 3]  normalised; unused image slots are zeros
     num_images     int32   [B]
+  With a `qformer_tokenizer` (InstructBLIP's instruction-aware Q-Former), also
+    qformer_input_ids      int32 [B, qformer_max_len]  the sample's instruction tokenised with
+                                   it (`instruction`), right-padded with its pad_token_id
+    qformer_attention_mask int32 [B, qformer_max_len]  1 = real token
+  `num_image_tokens` is the model's tokens per image (`MLLMConfig.image_tokens`: the
+  Q-Former's queries, or the vision tower's tokens).
   """
 
   def __init__(self, tokenizer, kind: str = 'vqa', split: str = 'train', seed: int = 0,
                image_size: int = 32, num_image_tokens: int = 16, max_len: int = 128,
                max_images: int = 2, image_mean: Sequence[float] = images.CLIP_MEAN,
                image_std: Sequence[float] = images.CLIP_STD, two_image_fraction: float = 0.1,
-               image_token: str = '<image>'):
+               image_token: str = '<image>', qformer_tokenizer=None, qformer_max_len: int = 32):
     if max_images < 1:
       raise ValueError(f'max_images must be >= 1, got {max_images}')
+    if qformer_tokenizer is not None and qformer_tokenizer.pad_token_id is None:
+      raise ValueError('the Q-Former tokenizer has no pad token (config.data.qformer_tokenizer)')
+    self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
+    self._qformer_cache: dict = {}
     make_sample(0, kind=kind, split=split, image_size=None)   # validates kind and split
     self.tokenizer, self.kind, self.split, self.seed = tokenizer, kind, split, seed
     self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
@@ -289,6 +310,20 @@ class SyntheticTask:
             num_image_tokens=self.num_image_tokens, cache=self._prefix_cache)
     return self._cache[key]
 
+  def _qformer_ids(self, sample: Sample) -> list[int]:
+    text = instruction(sample)
+    if text not in self._qformer_cache:
+      if len(self._qformer_cache) >= 100_000:
+        self._qformer_cache.clear()
+      ids = self.qformer_tokenizer(text)['input_ids']
+      if len(ids) > self.qformer_max_len:
+        raise ValueError(f'sample {sample.index} of split {self.split!r} ({self.kind}): its '
+                         f'Q-Former instruction has {len(ids)} tokens > '
+                         f'qformer_max_len={self.qformer_max_len} '
+                         '(config.data.qformer_max_len); raise it')
+      self._qformer_cache[text] = ids
+    return self._qformer_cache[text]
+
   def batch(self, start: int, batch_size: int) -> dict[str, np.ndarray]:
     """Samples start .. start + batch_size - 1 of the split as fixed-shape arrays (see class doc)."""
     return self.batch_of(range(start, start + batch_size))
@@ -309,7 +344,14 @@ class SyntheticTask:
            'turn_ids': np.zeros((b, t), np.int32),
            'num_images': np.zeros((b,), np.int32)}
     pixels = np.zeros((b, self.max_images, s, s, 3), np.uint8)
+    if self.qformer_tokenizer is not None:
+      out['qformer_input_ids'] = np.full((b, self.qformer_max_len),
+                                         self.qformer_tokenizer.pad_token_id, np.int32)
+      out['qformer_attention_mask'] = np.zeros((b, self.qformer_max_len), np.int32)
     for row, sample in enumerate(self.example(i) for i in indices):
+      if self.qformer_tokenizer is not None:
+        q = self._qformer_ids(sample)
+        out['qformer_input_ids'][row, :len(q)], out['qformer_attention_mask'][row, :len(q)] = q, 1
       ids, loss, turns = self._tokenize(sample)
       n = len(ids)
       if n > t:

@@ -261,7 +261,7 @@ def _rename_for(model):
     return FAMILIES['LlamaForCausalLM'].rename(MLLMConfig(llm=cfg, vision=None))
   if cfg.vision is None:
     return FAMILIES['LlamaForCausalLM'].rename(cfg)
-  return FAMILIES['LlavaForConditionalGeneration'].rename(cfg)
+  return FAMILIES[families.mllm_arch(cfg)].rename(cfg)
 
 
 def _rules_for_model(model):
@@ -290,8 +290,7 @@ def hf_config_for(model, dtype: str = 'float32'):
     arch = 'Qwen2ForCausalLM' if llm.qkv_bias else 'LlamaForCausalLM'
     hf = families.llm_to_hf(llm, dtype)
   else:
-    arch = ('LlavaNextForConditionalGeneration' if cfg.image_grid_pinpoints
-            else 'LlavaForConditionalGeneration')
+    arch = families.mllm_arch(cfg)
     hf = families.mllm_to_hf(cfg, dtype)
   hf.architectures = [arch]
   return arch, hf
@@ -303,7 +302,8 @@ def save_hf(model, params, path: str, max_shard_size: int = 5 * 2 ** 30) -> str:
   config.json + safetensors (sharded with an index beyond `max_shard_size` bytes) in the layout
   transformers 5.x `save_pretrained` writes, so `<Architecture>.from_pretrained(path)` /
   AutoModel load it and give the same logits. Text-only models export as LlamaForCausalLM
-  (Qwen2ForCausalLM when q/k/v have biases); LLaVA-NeXT when `image_grid_pinpoints` is set.
+  (Qwen2ForCausalLM when q/k/v have biases); LLaVA-NeXT when `image_grid_pinpoints` is set;
+  BLIP-2 / InstructBLIP for a Q-Former connector (`mllm_jax.hf.blip2`).
   Tensors are fetched and written one at a time. Returns `path`.
   """
   flat = flax.traverse_util.flatten_dict(params, sep='/')

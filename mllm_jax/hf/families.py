@@ -13,6 +13,8 @@ Layout changes (`Rule.kind`), ours <-> HF:
   linear  kernel [*in, *out] <-> weight [out, in]     nn.Linear (in/out flattened)
   conv    kernel [kh, kw, in, out] (HWIO) <-> weight [out, in, kh, kw] (OIHW)
 A key containing `{i}` is one tensor per layer, stacked on our leading `layers` axis.
+`Rule.lead` > 0: the HF tensor has that many extra leading axes of size 1 (BLIP-2's
+`query_tokens` [1, Q, D], `class_embedding` [1, 1, D]).
 """
 from __future__ import annotations
 
@@ -179,8 +181,20 @@ def mllm_from_hf(c, where: str = 'config.json') -> MLLMConfig:
       image_token_id=int(c.image_token_id), image_grid_pinpoints=pinpoints)
 
 
+def mllm_arch(cfg: MLLMConfig) -> str:
+  """The transformers architecture an MLLMConfig with a vision tower exports as."""
+  if cfg.connector.kind == 'qformer':
+    return ('InstructBlipForConditionalGeneration' if cfg.connector.qformer.instruction
+            else 'Blip2ForConditionalGeneration')
+  return ('LlavaNextForConditionalGeneration' if cfg.image_grid_pinpoints
+          else 'LlavaForConditionalGeneration')
+
+
 def mllm_to_hf(cfg: MLLMConfig, dtype: str = 'float32'):
   c, v = cfg.connector, cfg.vision
+  if c.kind == 'qformer':
+    from mllm_jax.hf import blip2
+    return blip2.mllm_to_hf(cfg, dtype)
   if c.kind != 'mlp' or c.depth != 2:
     raise ValueError(f'connector kind={c.kind!r} depth={c.depth} has no transformers LLaVA '
                      "equivalent (its projector is kind='mlp', depth=2)")
@@ -211,6 +225,7 @@ class Rule:
   n_in: int = 1        # linear: leading input axes of our kernel (2 for [heads, head_dim, embed])
   rows: int = 0        # >0: the checkpoint has only `rows` rows (vocabulary) on HF axis 0; the
                        # added rows start as their mean (LLaVA's new-token initialisation)
+  lead: int = 0        # HF has `lead` extra leading axes of size 1
 
   @property
   def stacked(self) -> bool:
@@ -227,9 +242,12 @@ class Rule:
       out = (o, i, kh, kw)
     else:
       out = tuple(shape)
-    return (self.rows,) + out[1:] if self.rows else out
+    out = (self.rows,) + out[1:] if self.rows else out
+    return (1,) * self.lead + out
 
   def to_ours(self, x: np.ndarray, shape: tuple) -> np.ndarray:
+    if self.lead:
+      x = x.reshape(x.shape[self.lead:])
     if self.rows:   # grow the vocabulary axis with the mean row
       n = math.prod(shape) // math.prod(x.shape[1:])
       mean = x.astype(np.float32).mean(0, keepdims=True).astype(x.dtype)
@@ -242,10 +260,12 @@ class Rule:
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     if self.kind == 'linear':
-      return x.reshape(math.prod(x.shape[:self.n_in]), -1).T
-    if self.kind == 'conv':
-      return x.transpose(3, 2, 0, 1)
-    return x.reshape(-1) if self.kind == 'flat' else x
+      x = x.reshape(math.prod(x.shape[:self.n_in]), -1).T
+    elif self.kind == 'conv':
+      x = x.transpose(3, 2, 0, 1)
+    elif self.kind == 'flat':
+      x = x.reshape(-1)
+    return x.reshape((1,) * self.lead + x.shape) if self.lead else x
 
 
 def _prefixed(rules, ours, hf):
@@ -272,7 +292,11 @@ def decoder_rules(cfg: LLMConfig, ours: str = '', hf: str = '') -> list[Rule]:
 
 
 def vision_rules(cfg: VisionConfig, ours: str = '', hf: str = '') -> list[Rule]:
-  """Our VisionEncoder <-> CLIPVisionModel / SiglipVisionModel keys (flat, >= 5.6 layout)."""
+  """Our VisionEncoder <-> CLIPVisionModel / SiglipVisionModel keys (flat, >= 5.6 layout), or
+  Blip2VisionModel keys for kind='blip2'."""
+  if cfg.kind == 'blip2':
+    from mllm_jax.hf import blip2
+    return blip2.vision_rules(cfg, ours, hf)
   e = 'embeddings.'
   r = [Rule('patch_embed/kernel', e + 'patch_embedding.weight', 'conv'),
        Rule('position_embedding', e + 'position_embedding.weight'),
@@ -300,9 +324,13 @@ def vision_rules(cfg: VisionConfig, ours: str = '', hf: str = '') -> list[Rule]:
 
 
 def mllm_rules(cfg: MLLMConfig) -> list[Rule]:
-  """Our MLLM <-> LLaVA / LLaVA-NeXT keys in the layout `save_pretrained` writes."""
+  """Our MLLM <-> LLaVA / LLaVA-NeXT (BLIP-2 / InstructBLIP for a Q-Former) keys in the layout
+  `save_pretrained` writes."""
   if cfg.vision is None:
     return decoder_rules(cfg.llm, 'llm/')
+  if cfg.connector.kind == 'qformer':
+    from mllm_jax.hf import blip2
+    return blip2.mllm_rules(cfg)
   r = decoder_rules(cfg.llm, 'llm/', 'language_model.')
   r += vision_rules(cfg.vision, 'vision/', 'vision_tower.')
   for k in range(1, cfg.connector.depth + 1):
@@ -389,6 +417,11 @@ FAMILIES: dict[str, Family] = {
     'LlavaForConditionalGeneration': Family('mllm', mllm_from_hf, _mllm_rename),
     'LlavaNextForConditionalGeneration': Family('mllm', mllm_from_hf, _mllm_rename),
 }
+
+
+from mllm_jax.hf import blip2 as _blip2  # noqa: E402  (uses the helpers above)
+
+FAMILIES.update(_blip2.FAMILIES)
 
 
 def rules_for(cfg) -> list[Rule]:

@@ -80,7 +80,8 @@ class LLMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """ViT image encoder: `clip` (class token, pre-LN, quick_gelu) or `siglip` (no class token)."""
+  """ViT image encoder: `clip` (class token, pre-LN, quick_gelu), `siglip` (no class token) or
+  `blip2` (BLIP-2's EVA ViT: class token, no pre-LN, fused qkv, features through post-LN)."""
   kind: str = 'clip'
   image_size: int = 336
   patch_size: int = 14
@@ -94,6 +95,7 @@ class VisionConfig:
   # concatenates those hidden states on the feature axis (HF `vision_feature_layer` list).
   feature_layer: int | tuple[int, ...] = -2
   feature_select: str = 'patch'   # 'patch' drops the class token (LLaVA 'default'); 'full' keeps all
+  qkv_bias: bool = True           # blip2: q and v biases (k's slice too, as HF stores one tensor)
   hf_path: str = ''               # HF checkpoint dir to start from (mllm_jax.hf.pretrained)
 
   def __post_init__(self):   # a list from a ConfigDict / JSON -> hashable tuple
@@ -121,7 +123,12 @@ class VisionConfig:
 
   @property
   def has_cls(self):
-    return self.kind == 'clip'
+    return self.kind in ('clip', 'blip2')
+
+  @property
+  def norm_features(self):
+    """blip2: the features pass through `post_norm` (LAVIS `ln_vision`, HF last_hidden_state)."""
+    return self.kind == 'blip2'
 
   @property
   def num_tokens(self):
@@ -130,7 +137,7 @@ class VisionConfig:
 
   @property
   def activation(self):
-    return self.act or {'clip': 'quick_gelu', 'siglip': 'gelu_tanh'}[self.kind]
+    return self.act or {'clip': 'quick_gelu', 'siglip': 'gelu_tanh', 'blip2': 'gelu'}[self.kind]
 
   @property
   def layers_used(self):
@@ -139,11 +146,34 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ConnectorConfig:
-  kind: str = 'mlp'               # 'mlp' (LLaVA mlp{depth}x_gelu) | 'linear'; later 'qformer'
-  depth: int = 2
+class QFormerConfig:
+  """BLIP-2 / InstructBLIP Querying Transformer (BERT-base sized by default)."""
+  num_queries: int = 32           # learned query tokens = image tokens per image in the LLM
+  hidden: int = 768
+  depth: int = 12
+  heads: int = 12
+  mlp_dim: int = 3072
+  norm_eps: float = 1e-12
   act: str = 'gelu'
-  bias: bool = True
+  cross_attention_every: int = 2  # layer i cross-attends to the image iff i % every == 0
+  # InstructBLIP: instruction tokens (qformer_input_ids) share self-attention with the queries
+  instruction: bool = False
+  vocab_size: int = 30522         # instruction: the Q-Former tokenizer's vocabulary (0: demo's)
+  max_position: int = 512         # instruction: learned positions of the instruction tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+  kind: str = 'mlp'               # 'mlp' (LLaVA mlp{depth}x_gelu) | 'linear' | 'qformer'
+  depth: int = 2                  # mlp only
+  act: str = 'gelu'               # mlp only
+  bias: bool = True               # mlp / linear only
+  qformer: QFormerConfig = QFormerConfig()   # kind='qformer' only
+
+  def __post_init__(self):
+    if isinstance(self.qformer, dict):
+      object.__setattr__(self, 'qformer',
+                         _build(QFormerConfig, self.qformer, 'config.model.connector.qformer'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +200,14 @@ class MLLMConfig:
         not isinstance(p, tuple) for p in self.image_grid_pinpoints):
       object.__setattr__(self, 'image_grid_pinpoints',
                          tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints))
+
+  @property
+  def image_tokens(self) -> int:
+    """Sequence tokens per image: the Q-Former's queries, else the tower's tokens (LLaVA-NeXT
+    images vary with their size: see `mllm.anyres_layout`)."""
+    if self.connector.kind == 'qformer':
+      return self.connector.qformer.num_queries
+    return self.vision.num_tokens
 
   @property
   def compute_dtype(self):

@@ -4,8 +4,14 @@
     input_ids ----embed_tokens----> [B, T, E] --merge_image_features (at image-token ids)-->
     [B, T, E] --Decoder--> logits [B, T, vocab]
 
-Image placeholder tokens (`image_token_id`, already expanded to `tokens` per image) are replaced
-in order by the connector outputs, so a batch may mix samples with 0, 1 or several images.
+Image placeholder tokens (`image_token_id`, already expanded to `cfg.image_tokens` per image)
+are replaced in order by the connector outputs, so a batch may mix samples with 0, 1 or several
+images.
+
+Q-Former connectors (BLIP-2 / InstructBLIP, `connector.kind='qformer'`) turn each image into
+`num_queries` tokens; InstructBLIP's also reads the instruction, `qformer_input_ids` /
+`qformer_attention_mask` [B, L] (one per sample, shared by the sample's images) or [N, L] (one
+per image of a flat image list, as transformers' processor returns).
 
 LLaVA-NeXT (AnyRes, `image_grid_pinpoints`): each image arrives as tiles (a base tile of the
 whole image, then a grid chosen from the pinpoints for its size); the projected tiles are packed
@@ -130,12 +136,25 @@ def anyres_layout(image_sizes, pinpoints, tile: int, side: int, max_len: int):
   return tile_index, patch_index, is_newline, jnp.where(real, base + uh * (uw + 1), 0)
 
 
+def _per_image(x, lead, name):
+  """[*prefix, L] with `prefix` a prefix of the image dims `lead` -> [prod(lead), L]."""
+  x = jnp.asarray(x)
+  prefix = x.shape[:-1]
+  if prefix != lead[:len(prefix)]:
+    raise ValueError(f'{name} of shape {list(x.shape)} does not fit images with leading dims '
+                     f'{list(lead)}: expected [{", ".join(map(str, lead[:1]))}, L] (per sample) '
+                     f'or [{", ".join(map(str, lead))}, L]')
+  x = x.reshape(prefix + (1,) * (len(lead) - len(prefix)) + x.shape[-1:])
+  return jnp.broadcast_to(x, lead + x.shape[-1:]).reshape(-1, x.shape[-1])
+
+
 class MLLM(nn.Module):
   """`apply({'params': p}, input_ids, pixel_values=None, attention_mask=None, ...)` -> logits.
 
   input_ids [B, T] int; pixel_values [B, M, H, W, 3] (per-sample image slots) or [N, H, W, 3]
   (flat list, transformers' convention; channels-first [.., 3, H, W] is accepted too);
   attention_mask [B, T] (1 = real token). Returns fp32 logits [B, T, vocab].
+  InstructBLIP: qformer_input_ids / qformer_attention_mask [B, L] (or [N, L] for a flat list).
   LLaVA-NeXT (`cfg.image_grid_pinpoints`): pixel_values [N, tiles, H, W, 3] with image_sizes
   [N, 2] (original height, width), or per sample [B, M, tiles, H, W, 3] with [B, M, 2].
   """
@@ -149,18 +168,34 @@ class MLLM(nn.Module):
     if c.vision is not None:
       self.vision = VisionEncoder(c.vision, attention_impl=c.attention,
                                   remat_policy=c.vision_remat_policy, **kw)
-      self.connector = build_connector(c.connector, c.llm.hidden, **kw)
+      self.connector = build_connector(c.connector, c.llm.hidden, attention_impl=c.attention,
+                                       **kw)
+      if c.connector.kind == 'qformer' and c.image_grid_pinpoints:
+        raise ValueError("config.model.image_grid_pinpoints (LLaVA-NeXT tiles) can't be used "
+                         "with connector.kind='qformer'")
       if c.image_grid_pinpoints:
         self.image_newline = self.param(
             'image_newline', L.dense_init(('norm',), std=c.llm.hidden ** -0.5), (c.llm.hidden,),
             c.weight_dtype)
 
-  def encode_images(self, pixel_values):
-    """[..., H, W, 3] -> connector outputs [..., tokens, E] (leading dims kept)."""
+  def encode_images(self, pixel_values, qformer_input_ids=None, qformer_attention_mask=None):
+    """[..., H, W, 3] -> connector outputs [..., tokens, E] (leading dims kept).
+
+    qformer_input_ids / qformer_attention_mask [..., L] (InstructBLIP) have a prefix of the
+    image leading dims (e.g. [B, L] for images [B, M, ...]) and are shared along the rest."""
     pixel_values = to_channels_last(pixel_values)
     lead = pixel_values.shape[:-3]
     feats = self.vision(pixel_values.reshape((-1,) + pixel_values.shape[-3:]))
-    out = self.connector(feats)
+    if self.cfg.connector.kind != 'qformer':
+      if qformer_input_ids is not None:
+        raise ValueError(f'qformer_input_ids given to a model whose connector is '
+                         f'{self.cfg.connector.kind!r}, not a Q-Former')
+      out = self.connector(feats)
+    else:
+      ids, mask = (None if a is None else _per_image(a, lead, name)
+                   for a, name in ((qformer_input_ids, 'qformer_input_ids'),
+                                   (qformer_attention_mask, 'qformer_attention_mask')))
+      out = self.connector(feats, ids, mask)
     return out.reshape(lead + out.shape[1:])
 
   def encode_anyres(self, pixel_values, image_sizes):
@@ -183,7 +218,8 @@ class MLLM(nn.Module):
     packed = jnp.where(newline[..., None], jnp.asarray(self.image_newline, packed.dtype), packed)
     return packed.reshape(lead + packed.shape[1:]), lengths.reshape(lead)
 
-  def embed(self, input_ids, pixel_values=None, image_sizes=None):
+  def embed(self, input_ids, pixel_values=None, image_sizes=None, qformer_input_ids=None,
+            qformer_attention_mask=None):
     """Token embeddings with image features merged in: [B, T, E]."""
     embeds = self.llm.embed(input_ids)
     if pixel_values is not None:
@@ -198,18 +234,20 @@ class MLLM(nn.Module):
         return merge_image_features(embeds, feats, input_ids, self.cfg.image_token_id, lengths)
       if image_sizes is not None:
         raise ValueError('image_sizes is only used by LLaVA-NeXT models (image_grid_pinpoints)')
-      embeds = merge_image_features(embeds, self.encode_images(pixel_values), input_ids,
-                                    self.cfg.image_token_id)
+      feats = self.encode_images(pixel_values, qformer_input_ids, qformer_attention_mask)
+      embeds = merge_image_features(embeds, feats, input_ids, self.cfg.image_token_id)
     elif self.is_initializing() and self.cfg.vision is not None:
       v = self.cfg.vision   # create the vision and connector params at init
       self.encode_images(jnp.zeros((1, v.image_size, v.image_size, 3), jnp.float32))
     return embeds
 
   def hidden_states(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
-                    segment_ids=None, image_sizes=None, cache=None):
+                    segment_ids=None, image_sizes=None, cache=None, qformer_input_ids=None,
+                    qformer_attention_mask=None):
     """-> [B, T, E]; with a KV `cache` (generation) -> (hidden states, updated cache)."""
-    return self.llm.hidden_states(self.embed(input_ids, pixel_values, image_sizes),
-                                  attention_mask, positions, segment_ids, cache)
+    embeds = self.embed(input_ids, pixel_values, image_sizes, qformer_input_ids,
+                        qformer_attention_mask)
+    return self.llm.hidden_states(embeds, attention_mask, positions, segment_ids, cache)
 
   def init_cache(self, batch: int, length: int):
     return self.llm.init_cache(batch, length)
@@ -218,6 +256,8 @@ class MLLM(nn.Module):
     return self.llm.logits(hidden)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
-               segment_ids=None, image_sizes=None):
-    return self.logits(self.hidden_states(input_ids, pixel_values, attention_mask, positions,
-                                          segment_ids, image_sizes))
+               segment_ids=None, image_sizes=None, qformer_input_ids=None,
+               qformer_attention_mask=None):
+    return self.logits(self.hidden_states(
+        input_ids, pixel_values, attention_mask, positions, segment_ids, image_sizes,
+        qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask))

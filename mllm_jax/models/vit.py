@@ -1,13 +1,18 @@
-"""ViT image encoder in the CLIP and SigLIP variants.
+"""ViT image encoder in the CLIP, SigLIP and BLIP-2 (EVA) variants.
 
     CLIP:   patches (conv, no bias) -> [CLS; patches] + pos -> pre_norm -> blocks (quick_gelu)
     SigLIP: patches (conv + bias)   ->  patches       + pos ->            blocks (gelu_tanh)
+    BLIP-2: patches (conv + bias)   -> [CLS; patches] + pos ->            blocks (gelu, fused
+            qkv) -> post_norm
     block:  x += Attn(LN(x)); x += MLP(LN(x))                               (pre-LN)
 
 The features handed to the connector are hidden state `feature_layer` (0 = embeddings, L = last
 layer), before `post_norm`, as LLaVA reads `hidden_states[vision_feature_layer]`; layers past it
 are skipped at run time. A tuple of layers concatenates those hidden states on the feature axis
 (HF `vision_feature_layer` as a list). `post_norm` is kept for checkpoint round trips and `pooled`.
+BLIP-2 hands the Q-Former `post_norm` of its features (LAVIS `ln_vision`; HF's
+last_hidden_state), class token included; its tower is EVA ViT-g with the last of 40 layers
+removed, so `feature_layer=-1` reads the second-last layer of the original EVA model.
 """
 from __future__ import annotations
 
@@ -38,8 +43,13 @@ class EncoderBlock(nn.Module):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     d = c.width // c.heads
     h = L.LayerNorm(c.norm_eps, name='norm1', **kw)(x)
-    q, k, v = (L.DenseGeneral((c.heads, d), ('embed', 'heads', 'head_dim'), use_bias=True,
-                              name=f'{n}_proj', **kw)(h) for n in 'qkv')
+    if c.kind == 'blip2':   # one fused projection, as EVA / HF store it ([3, heads, head_dim])
+      qkv = L.DenseGeneral((3, c.heads, d), ('embed', None, 'heads', 'head_dim'),
+                           use_bias=c.qkv_bias, name='qkv', **kw)(h)
+      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    else:
+      q, k, v = (L.DenseGeneral((c.heads, d), ('embed', 'heads', 'head_dim'), use_bias=True,
+                                name=f'{n}_proj', **kw)(h) for n in 'qkv')
     a = L.dot_product_attention(q, k, v, None, impl=self.attention_impl, dtype=self.dtype)
     x = x + L.DenseGeneral(c.width, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
                            use_bias=True, name='o_proj', **kw)(a)
@@ -70,20 +80,22 @@ class VisionEncoder(nn.Module):
 
   def setup(self):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    if c.kind not in ('clip', 'siglip'):
-      raise ValueError(f"config.model.vision.kind={c.kind!r}: expected 'clip' or 'siglip'")
+    if c.kind not in ('clip', 'siglip', 'blip2'):
+      raise ValueError(f"config.model.vision.kind={c.kind!r}: expected 'clip', 'siglip' or "
+                       "'blip2'")
     if c.feature_select not in ('patch', 'full'):
       raise ValueError(f"config.model.vision.feature_select={c.feature_select!r}: expected "
                        "'patch' (drop the class token) or 'full'")
     self.patch_embed = nn.Conv(
         c.width, (c.patch_size, c.patch_size), strides=c.patch_size, padding='VALID',
-        use_bias=not c.has_cls, kernel_init=L.dense_init((None, None, None, 'embed')),
+        use_bias=c.kind != 'clip', kernel_init=L.dense_init((None, None, None, 'embed')),
         bias_init=L.zeros_init(('embed',)), **kw)
     n_pos = c.num_patches + (1 if c.has_cls else 0)
     if c.has_cls:
       self.class_embedding = self.param(
           'class_embedding', L.dense_init(('embed',), std=c.width ** -0.5), (c.width,),
           self.param_dtype)
+    if c.kind == 'clip':
       self.pre_norm = L.LayerNorm(c.norm_eps, **kw)
     self.position_embedding = self.param(
         'position_embedding', L.dense_init((None, 'embed'), std=0.02), (n_pos, c.width),
@@ -103,7 +115,7 @@ class VisionEncoder(nn.Module):
       cls = jnp.broadcast_to(jnp.asarray(self.class_embedding, self.dtype), (x.shape[0], 1, c.width))
       x = jnp.concatenate([cls, x], axis=1)
     x = x + jnp.asarray(self.position_embedding, self.dtype)[None]
-    if c.has_cls:
+    if c.kind == 'clip':
       x = self.pre_norm(x)
     return L.constrain(x, ('act_batch', 'act_length', 'act_embed'))
 
@@ -114,15 +126,21 @@ class VisionEncoder(nn.Module):
     if self.is_initializing():
       self.post_norm(last)   # create its params
     if len(c.feature_layers) > 1:   # hidden [L, N, T, D]: outputs of layers 1..L
-      x = jnp.concatenate([x if n == 0 else hidden[n - 1] for n in c.feature_layers], axis=-1)
+      feats = [x if n == 0 else hidden[n - 1] for n in c.feature_layers]
+      if c.norm_features:
+        feats = [self.post_norm(f) for f in feats]
+      x = jnp.concatenate(feats, axis=-1)
     else:
-      x = last
+      x = self.post_norm(last) if c.norm_features else last
     if c.has_cls and c.feature_select == 'patch':
       x = x[:, 1:]
     return x
 
   def pooled(self, pixel_values):
-    """Pooled output as in transformers: post_norm(CLS) for CLIP (all layers run)."""
+    """Pooled output as in transformers: post_norm(CLS) for CLIP (all layers run); BLIP-2 applies
+    post_norm twice (to last_hidden_state, then to its CLS row), as HF does."""
     x = self.embeddings(pixel_values)
     (x, _), _ = self.layers((x, jnp.int32(0)), self.cfg.depth)
+    if self.cfg.norm_features:
+      x = self.post_norm(x)
     return self.post_norm(x[:, 0] if self.cfg.has_cls else x)

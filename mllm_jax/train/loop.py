@@ -37,11 +37,31 @@ def load_tokenizer(config, workdir):
   return tok_lib.load_tokenizer(path)
 
 
+def load_qformer_tokenizer(config, tokenizer):
+  """The tokenizer of an instruction-aware Q-Former's input (None for other connectors):
+  `config.data.qformer_tokenizer` (e.g. a BERT tokenizer dir), '' = the LLM tokenizer."""
+  c = config.model.connector
+  if c.kind != 'qformer' or not c.qformer.instruction:
+    return None
+  path = config.data.qformer_tokenizer
+  if not path:
+    return tokenizer
+  import transformers
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
 def model_config(config, tokenizer=None) -> MLLMConfig:
   """`config.model` as an MLLMConfig, filling tokenizer-derived values (vocab size, image id)."""
   d = config.model.to_dict()
   if d['vision']['kind'] == 'none':
     d['vision'] = None
+  q = d['connector'].get('qformer', {})
+  if d['connector']['kind'] == 'qformer' and q.get('instruction') and q.get('vocab_size') == 0:
+    qtok = load_qformer_tokenizer(config, tokenizer) if tokenizer is not None else None
+    if qtok is None:
+      raise ValueError('config.model.connector.qformer.vocab_size=0 needs a tokenizer to size '
+                       'the Q-Former vocabulary')
+    q['vocab_size'] = -(-len(qtok) // 8) * 8
   if d['llm']['vocab_size'] == 0:
     if tokenizer is None:
       raise ValueError('config.model.llm.vocab_size=0 needs a tokenizer to size the vocabulary')
@@ -68,12 +88,14 @@ def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):
   if task == 'dpo':
     return preference.PreferenceTask(
         tokenizer, split=split, seed=config.seed, image_size=v.image_size,
-        num_image_tokens=v.num_tokens, max_len=config.data.max_len, image_mean=mean,
+        num_image_tokens=mcfg.image_tokens, max_len=config.data.max_len, image_mean=mean,
         image_std=std)
   return synthetic.SyntheticTask(
       tokenizer, kind=task, split=split, seed=config.seed, image_size=v.image_size,
-      num_image_tokens=v.num_tokens, max_len=config.data.max_len,
-      max_images=config.data.max_images, image_mean=mean, image_std=std)
+      num_image_tokens=mcfg.image_tokens, max_len=config.data.max_len,
+      max_images=config.data.max_images, image_mean=mean, image_std=std,
+      qformer_tokenizer=load_qformer_tokenizer(config, tokenizer),
+      qformer_max_len=config.data.qformer_max_len)
 
 
 def prefetch(it: Iterator, size: int) -> Iterator:
@@ -245,7 +267,9 @@ def evaluate_preferences(config, factory, params, task, mesh, rules) -> dict:
   vqa = synthetic.SyntheticTask(task.tokenizer, kind='vqa', split=task.split, seed=task.seed,
                                 image_size=task.image_size, num_image_tokens=task.num_image_tokens,
                                 max_len=task.max_len, max_images=config.data.max_images,
-                                image_mean=task.image_mean, image_std=task.image_std)
+                                image_mean=task.image_mean, image_std=task.image_std,
+                                qformer_tokenizer=load_qformer_tokenizer(config, task.tokenizer),
+                                qformer_max_len=config.data.qformer_max_len)
   res = evaluate(config, factory, params, vqa, mesh, rules)
   res['eval/preference_accuracy'] = totals['ranked'] / max(totals['pairs'], 1)
   return res

@@ -20,7 +20,8 @@ from mllm_jax import sharding as shd
 from mllm_jax.train import losses
 from mllm_jax.train.optim import merge_params, split_params, trainable_mask
 
-MODEL_INPUTS = ('input_ids', 'pixel_values', 'attention_mask', 'positions', 'segment_ids')
+MODEL_INPUTS = ('input_ids', 'pixel_values', 'attention_mask', 'positions', 'segment_ids',
+                'qformer_input_ids', 'qformer_attention_mask')
 
 
 @flax.struct.dataclass
