@@ -621,7 +621,7 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
   kind = records.kind_for_task(task)
   cfg = PipelineConfig(
       kind=kind, max_len=d.max_len, buckets=buckets, max_images=d.max_images,
-      image_size=mcfg.vision.image_size, num_image_tokens=mcfg.vision.num_tokens,
+      image_size=mcfg.vision.image_size, num_image_tokens=mcfg.image_tokens,
       image_norm=d.image_norm, pad_to_square=d.pad_to_square, bad_input=d.bad_input,
       truncate=d.truncate, packing=d.packing and split == 'train', window=d.window,
       workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed)

@@ -264,19 +264,25 @@ def evaluate_preferences(config, factory, params, task, mesh, rules) -> dict:
       out = jax.device_get(_EVAL_CACHE[key](params, distributed.replicated_batch(b, mesh)))
       for k in totals:
         totals[k] += float(out[k])
+  accuracy = {'eval/preference_accuracy': totals['ranked'] / max(totals['pairs'], 1)}
+  if not isinstance(task, preference.PreferenceTask):   # preference records from files
+    return accuracy
   vqa = synthetic.SyntheticTask(task.tokenizer, kind='vqa', split=task.split, seed=task.seed,
                                 image_size=task.image_size, num_image_tokens=task.num_image_tokens,
                                 max_len=task.max_len, max_images=config.data.max_images,
                                 image_mean=task.image_mean, image_std=task.image_std,
                                 qformer_tokenizer=load_qformer_tokenizer(config, task.tokenizer),
                                 qformer_max_len=config.data.qformer_max_len)
-  res = evaluate(config, factory, params, vqa, mesh, rules)
-  res['eval/preference_accuracy'] = totals['ranked'] / max(totals['pairs'], 1)
-  return res
+  return {**evaluate(config, factory, params, vqa, mesh, rules), **accuracy}
+
+
+def _is_preference(task) -> bool:
+  return (isinstance(task, preference.PreferenceTask) or
+          getattr(getattr(task, 'cfg', None), 'kind', None) == 'preference')
 
 
 def evaluate(config, factory, params, task, mesh, rules) -> dict:
-  if isinstance(task, preference.PreferenceTask):
+  if _is_preference(task):
     return evaluate_preferences(config, factory, params, task, mesh, rules)
   n, bs = config.train.eval_examples, config.train.eval_batch_size
   shd.check_batch_divisible(bs, mesh, 'config.train.eval_batch_size')
@@ -463,8 +469,9 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
         f'{n_trainable / 1e6:.2f}M trainable parameters ({sc.trainable})')
   if ref is not None and start == 0:   # the preference accuracy DPO starts from
     res = run_eval(0)
+    vqa = f", VQA accuracy {res['eval/accuracy']:.4f}" if 'eval/accuracy' in res else ''
     print(f"Stage {name!r} before training: preference accuracy "
-          f"{res['eval/preference_accuracy']:.4f}, VQA accuracy {res['eval/accuracy']:.4f}")
+          f"{res['eval/preference_accuracy']:.4f}{vqa}")
   jstep = None
   bar = tqdm.tqdm(total=sc.steps, initial=start, desc=name, dynamic_ncols=True,
                   disable=not (config.train.progress_bar and distributed.is_primary()))
@@ -498,6 +505,8 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
         dt = time.time() - t0
         m['tokens_per_s'] = tokens / dt if dt > 0 else 0.0
         m['skipped_steps'], monitor.since_log = monitor.since_log, 0
+        if hasattr(train_task, 'skipped'):   # bad samples dropped under data.bad_input='skip'
+          m.update({f'data/skipped_{k}': v for k, v in train_task.skipped().items()})
         m['stage'] = name
         writer.write(offset + done, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
@@ -530,6 +539,10 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   if sc.task == 'vqa':
     chance = f" (a model blind to the image: ~{synthetic.chance_accuracy(seed=config.seed)['all']:.2f})"
   print(f'Stage {name!r} held-out: {msg}{chance}')
+  skipped = train_task.skipped() if hasattr(train_task, 'skipped') else {}
+  if any(skipped.values()):
+    print(f'Stage {name!r} skipped bad training samples (config.data.bad_input=skip): ' +
+          ', '.join(f'{k} {v}' for k, v in sorted(skipped.items()) if v))
   return state, results
 
 
