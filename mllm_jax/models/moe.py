@@ -1,0 +1,228 @@
+"""Mixture-of-Experts feed-forward block (Mixtral / Qwen2-MoE / Qwen3-MoE).
+
+    x [B, T, H] --router (fp32)--> softmax over E experts --> top-k (renormalised if
+    `norm_topk_prob`) --> each token's k experts: SwiGLU with expert weights
+    gate_up_proj [E, H, 2, I], down_proj [E, I, H] --> sum weighted by the router
+    (+ Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x))
+
+Two ways to run the experts (`moe.impl`), with the same numbers where no token is dropped:
+  dropless  every (token, expert) assignment is computed: the assignments are sorted by expert
+            and fed to a grouped matmul (`jax.lax.ragged_dot`, or on CPU `blocks`: each
+            expert's rows padded to a block multiple and one matmul per block; see `dropless`).
+  capacity  each expert takes at most C = ceil(capacity_factor * tokens * k / E) assignments
+            into a fixed [E, C, H] buffer (batched matmul, static shapes, shards on the `expert`
+            mesh axis); first choices of all tokens are served before any second choice, each
+            in token order; an assignment past C is dropped (the token keeps its residual).
+Padding tokens (`token_mask` 0) are routed nowhere: they take no capacity and their output is
+the shared expert's alone.
+
+Router statistics are returned per layer (`RouterStats`) and pooled over layers by the decoder;
+`losses` turns them into the Switch load-balancing loss as transformers computes it and the
+ST-MoE router z-loss.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mllm_jax.models import layers as L
+from mllm_jax.models.config import MoEConfig
+
+BLOCK = 128   # rows per block of the `blocks` grouped matmul
+
+
+class RouterStats(NamedTuple):
+  """Sums over the real tokens of one or more MoE layers (pooled by adding)."""
+  counts: jax.Array      # [E] top-k assignments per expert
+  probs: jax.Array       # [E] router probabilities per expert
+  rows: jax.Array        # () tokens routed (per layer, summed over layers)
+  z: jax.Array           # () sum of logsumexp(router logits)^2
+  dropped: jax.Array     # () assignments dropped by the capacity limit
+
+  def __add__(self, other):
+    return RouterStats(*(a + b for a, b in zip(self, other)))
+
+
+def losses(stats: RouterStats, k: int) -> dict:
+  """Pooled stats -> dict(aux_loss, z_loss, dropped_fraction).
+
+  aux_loss = E * sum_e f_e * P_e with f_e = assignments / rows and P_e = mean probability over
+  the rows of every MoE layer together (transformers' `load_balancing_loss_func` with an
+  attention mask): k for uniform routing. z_loss = mean over rows of logsumexp(logits)^2.
+  """
+  rows = jnp.maximum(stats.rows, 1.0)
+  e = stats.counts.shape[-1]
+  f = jax.lax.stop_gradient(stats.counts) / rows
+  return dict(aux_loss=e * jnp.sum(f * stats.probs / rows), z_loss=stats.z / rows,
+              dropped_fraction=stats.dropped / (rows * k))
+
+
+def route(logits, k: int, norm_topk_prob: bool):
+  """fp32 logits [N, E] -> (probs [N, E], weights [N, k], experts [N, k] int32)."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)
+  if norm_topk_prob:
+    weights = weights / weights.sum(-1, keepdims=True)
+  return probs, weights, experts.astype(jnp.int32)
+
+
+def _ranks(experts, num_experts: int):
+  """experts [A] (ids, `num_experts` = routed nowhere) -> (rank of each assignment among those of
+  its expert in order [A], assignments per expert [E])."""
+  order = jnp.argsort(experts, stable=True)
+  sizes = jnp.bincount(experts, length=num_experts + 1)
+  starts = jnp.cumsum(sizes) - sizes
+  position = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+  return position - starts[experts], sizes[:num_experts], order
+
+
+def _swiglu(h, act):
+  gate, up = h[..., 0, :], h[..., 1, :]
+  return L.ACTIVATIONS[act](gate) * up
+
+
+def dropless(x, experts, weights, gate_up, down, act: str, impl: str = 'auto',
+             block: int = BLOCK):
+  """Every assignment computed. x [N, H]; experts/weights [N, k] (expert id E = none);
+  gate_up [E, H, 2, I]; down [E, I, H]. Returns [N, H] in x.dtype.
+
+  impl 'ragged_dot': the assignments sorted by expert, `jax.lax.ragged_dot` with group sizes.
+  impl 'blocks': each expert's assignments start at a block boundary of a [nb * block, H]
+  buffer (nb = static bound N*k/block + E); a scan multiplies each block by its expert's
+  weights and skips the unused tail blocks. XLA:CPU lowers ragged_dot to ~E dense matmuls over
+  all rows; this costs the real rows plus at most E blocks of padding (BENCHMARKS.md).
+  'auto' = ragged_dot on accelerators, blocks on CPU.
+  """
+  n, k = experts.shape
+  e, h, _, i = gate_up.shape
+  if impl == 'auto':
+    impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
+  flat = experts.reshape(-1)                                       # [A] token-major
+  tok = jnp.arange(n * k, dtype=jnp.int32) // k
+  rank, sizes, order = _ranks(flat, e)
+  x_ext = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])        # row N: zeros
+  if impl == 'ragged_dot':
+    xs = x_ext[jnp.where(flat[order] < e, tok[order], n)]          # [A, H] sorted by expert
+    hid = jax.lax.ragged_dot(xs, gate_up.reshape(e, h, 2 * i), sizes)
+    ys = jax.lax.ragged_dot(_swiglu(hid.reshape(-1, 2, i), act), down, sizes)
+    position = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
+    y = ys[position]                                               # [A, H] token-major
+  elif impl == 'blocks':
+    nb = -(-n * k // block) + e
+    blocks_per = -(-sizes // block)                                # [E]
+    first_block = jnp.cumsum(blocks_per) - blocks_per
+    used = blocks_per.sum()
+    real = flat < e
+    dest = jnp.where(real, first_block[jnp.minimum(flat, e - 1)] * block + rank, nb * block)
+    src = jnp.full((nb * block + 1,), n, jnp.int32).at[dest].set(tok)[:-1]
+    xb = x_ext[src].reshape(nb, block, h)
+    block_expert = jnp.clip(
+        jnp.searchsorted(jnp.cumsum(blocks_per), jnp.arange(nb), side='right'), 0, e - 1)
+
+    def one(_, inp):
+      xj, ej, j = inp
+      def run(xj):
+        hid = jnp.dot(xj, gate_up[ej].reshape(h, 2 * i)).reshape(block, 2, i)
+        return jnp.dot(_swiglu(hid, act), down[ej])
+      return None, jax.lax.cond(j < used, run, lambda xj: jnp.zeros((block, h), xj.dtype), xj)
+
+    _, yb = jax.lax.scan(one, None, (xb, block_expert, jnp.arange(nb)))
+    y = jnp.concatenate([yb.reshape(nb * block, h), jnp.zeros((1, h), yb.dtype)])[dest]
+  else:
+    raise ValueError(f"config.model.llm.moe.dropless_impl={impl!r}: expected 'auto', "
+                     "'ragged_dot' or 'blocks'")
+  w = jnp.where(experts < e, weights, 0.0).reshape(n * k, 1)
+  y = (y.astype(jnp.float32) * w).reshape(n, k, h).sum(1)
+  return y.astype(x.dtype)
+
+
+def capacity(experts, num_experts: int, capacity_factor: float):
+  """Capacity assignment. experts [N, k] (id E = none) -> (slot [N, k] in [0, E*C) or E*C for
+  dropped / unrouted, C). First choices of all tokens come before second choices, each in token
+  order (Switch / GShard priority)."""
+  n, k = experts.shape
+  c = max(1, math.ceil(capacity_factor * n * k / num_experts))
+  flat = experts.T.reshape(-1)                                     # [k*N] choice-major
+  rank, _, _ = _ranks(flat, num_experts)
+  keep = (flat < num_experts) & (rank < c)
+  slot = jnp.where(keep, flat * c + rank, num_experts * c)
+  return slot.reshape(k, n).T, c
+
+
+def capacity_experts(x, experts, weights, gate_up, down, act: str, capacity_factor: float):
+  """Token-dropping path. Shapes as `dropless`; returns ([N, H], dropped assignments)."""
+  n, k = experts.shape
+  e, h, _, i = gate_up.shape
+  slot, c = capacity(experts, e, capacity_factor)
+  tok = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, k))
+  src = jnp.full((e * c + 1,), n, jnp.int32).at[slot.reshape(-1)].set(tok.reshape(-1))[:-1]
+  x_ext = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])
+  buf = L.constrain(x_ext[src].reshape(e, c, h), ('act_expert', None, 'act_embed'))
+  hid = jnp.einsum('ech,ehgi->ecgi', buf, gate_up)
+  y = jnp.einsum('eci,eih->ech', _swiglu(hid, act), down)
+  y = L.constrain(y, ('act_expert', None, 'act_embed')).reshape(e * c, h)
+  y = jnp.concatenate([y, jnp.zeros((1, h), y.dtype)])[slot]     # [N, k, H]
+  w = jnp.where(slot < e * c, weights, 0.0)[..., None]
+  dropped = jnp.sum((experts < e) & (slot == e * c))
+  return (y.astype(jnp.float32) * w).sum(1).astype(x.dtype), dropped
+
+
+class MoEBlock(nn.Module):
+  """Sparse MoE feed-forward. x [B, T, H], token_mask [B, T] | None -> ([B, T, H], RouterStats).
+
+  Params: router/kernel [H, E] (fp32 compute), gate_up_proj [E, H, 2, I], down_proj [E, I, H];
+  with `shared_mlp_dim`: shared_expert (SwiGLU) and shared_expert_gate/kernel [H, 1].
+  """
+  cfg: MoEConfig
+  hidden: int
+  act: str = 'silu'
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, token_mask=None):
+    m, hd = self.cfg, self.hidden
+    e, k, i = m.num_experts, m.experts_per_token, m.mlp_dim
+    b, t, _ = x.shape
+    xf = x.reshape(b * t, hd)
+    logits = L.DenseGeneral(e, ('embed', None), dtype=jnp.float32, param_dtype=self.param_dtype,
+                            name='router')(xf)                    # [N, E] fp32
+    probs, weights, experts = route(logits, k, m.norm_topk_prob)
+    real = (jnp.ones((b * t,), bool) if token_mask is None
+            else token_mask.reshape(-1).astype(bool))
+    experts = jnp.where(real[:, None], experts, e)                # padding: routed nowhere
+    gate_up = self.param('gate_up_proj', nn.with_logical_partitioning(
+        nn.initializers.normal(hd ** -0.5), ('expert', 'embed', None, 'expert_mlp')),
+        (e, hd, 2, i), self.param_dtype)
+    down = self.param('down_proj', nn.with_logical_partitioning(
+        nn.initializers.normal(i ** -0.5), ('expert', 'expert_mlp', 'embed')),
+        (e, i, hd), self.param_dtype)
+    xc = xf.astype(self.dtype)
+    gate_up, down = jnp.asarray(gate_up, self.dtype), jnp.asarray(down, self.dtype)
+    if m.impl == 'dropless':
+      y, dropped = dropless(xc, experts, weights, gate_up, down, self.act, m.dropless_impl), 0
+    elif m.impl == 'capacity':
+      y, dropped = capacity_experts(xc, experts, weights, gate_up, down, self.act,
+                                    m.capacity_factor)
+    else:
+      raise ValueError(f"config.model.llm.moe.impl={m.impl!r}: expected 'dropless' or "
+                       "'capacity'")
+    y = y.reshape(b, t, hd)
+    if m.shared_mlp_dim:
+      from mllm_jax.models.llm import GatedMLP   # the dense MLP; llm imports this module
+      shared = GatedMLP(hd, m.shared_mlp_dim, self.act, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='shared_expert')(x)
+      gate = L.Dense(1, ('embed', None), dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='shared_expert_gate')(x)
+      y = y + jax.nn.sigmoid(gate) * shared
+    rf = real.astype(jnp.float32)
+    stats = RouterStats(
+        counts=jnp.sum(jax.nn.one_hot(experts, e, dtype=jnp.float32), axis=(0, 1)),
+        probs=jnp.sum(probs * rf[:, None], 0), rows=rf.sum(),
+        z=jnp.sum(jax.nn.logsumexp(logits, -1) ** 2 * rf),
+        dropped=jnp.asarray(dropped, jnp.float32))
+    return y, stats
