@@ -2,7 +2,7 @@
 
     x [B, T, H] --router (fp32)--> softmax over E experts --> top-k (renormalised if
     `norm_topk_prob`) --> each token's k experts: SwiGLU with expert weights
-    gate_up_proj [E, H, 2, I], down_proj [E, I, H] --> sum weighted by the router
+    gate_proj, up_proj [E, H, I], down_proj [E, I, H] --> sum weighted by the router
     (+ Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x))
 
 Two ways to run the experts (`moe.impl`), with the same numbers where no token is dropped:
@@ -80,15 +80,10 @@ def _ranks(experts, num_experts: int):
   return position - starts[experts], sizes[:num_experts], order
 
 
-def _swiglu(h, act):
-  gate, up = h[..., 0, :], h[..., 1, :]
-  return L.ACTIVATIONS[act](gate) * up
-
-
-def dropless(x, experts, weights, gate_up, down, act: str, impl: str = 'auto',
+def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
              block: int = BLOCK):
   """Every assignment computed. x [N, H]; experts/weights [N, k] (expert id E = none);
-  gate_up [E, H, 2, I]; down [E, I, H]. Returns [N, H] in x.dtype.
+  gate, up [E, H, I]; down [E, I, H]. Returns [N, H] in x.dtype.
 
   impl 'ragged_dot': the assignments sorted by expert, `jax.lax.ragged_dot` with group sizes.
   impl 'blocks': each expert's assignments start at a block boundary of a [nb * block, H]
@@ -98,7 +93,8 @@ def dropless(x, experts, weights, gate_up, down, act: str, impl: str = 'auto',
   'auto' = ragged_dot on accelerators, blocks on CPU.
   """
   n, k = experts.shape
-  e, h, _, i = gate_up.shape
+  e, h, i = gate.shape
+  fn = L.ACTIVATIONS[act]
   if impl == 'auto':
     impl = 'blocks' if jax.default_backend() == 'cpu' else 'ragged_dot'
   flat = experts.reshape(-1)                                       # [A] token-major
@@ -107,8 +103,8 @@ def dropless(x, experts, weights, gate_up, down, act: str, impl: str = 'auto',
   x_ext = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])        # row N: zeros
   if impl == 'ragged_dot':
     xs = x_ext[jnp.where(flat[order] < e, tok[order], n)]          # [A, H] sorted by expert
-    hid = jax.lax.ragged_dot(xs, gate_up.reshape(e, h, 2 * i), sizes)
-    ys = jax.lax.ragged_dot(_swiglu(hid.reshape(-1, 2, i), act), down, sizes)
+    hid = fn(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
+    ys = jax.lax.ragged_dot(hid, down, sizes)
     position = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     y = ys[position]                                               # [A, H] token-major
   elif impl == 'blocks':
@@ -126,8 +122,7 @@ def dropless(x, experts, weights, gate_up, down, act: str, impl: str = 'auto',
     def one(_, inp):
       xj, ej, j = inp
       def run(xj):
-        hid = jnp.dot(xj, gate_up[ej].reshape(h, 2 * i)).reshape(block, 2, i)
-        return jnp.dot(_swiglu(hid, act), down[ej])
+        return jnp.dot(fn(jnp.dot(xj, gate[ej])) * jnp.dot(xj, up[ej]), down[ej])
       return None, jax.lax.cond(j < used, run, lambda xj: jnp.zeros((block, h), xj.dtype), xj)
 
     _, yb = jax.lax.scan(one, None, (xb, block_expert, jnp.arange(nb)))
@@ -153,17 +148,18 @@ def capacity(experts, num_experts: int, capacity_factor: float):
   return slot.reshape(k, n).T, c
 
 
-def capacity_experts(x, experts, weights, gate_up, down, act: str, capacity_factor: float):
+def capacity_experts(x, experts, weights, gate, up, down, act: str, capacity_factor: float):
   """Token-dropping path. Shapes as `dropless`; returns ([N, H], dropped assignments)."""
   n, k = experts.shape
-  e, h, _, i = gate_up.shape
+  e, h, i = gate.shape
   slot, c = capacity(experts, e, capacity_factor)
   tok = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, k))
   src = jnp.full((e * c + 1,), n, jnp.int32).at[slot.reshape(-1)].set(tok.reshape(-1))[:-1]
   x_ext = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])
   buf = L.constrain(x_ext[src].reshape(e, c, h), ('act_expert', None, 'act_embed'))
-  hid = jnp.einsum('ech,ehgi->ecgi', buf, gate_up)
-  y = jnp.einsum('eci,eih->ech', _swiglu(hid, act), down)
+  hid = (L.ACTIVATIONS[act](jnp.einsum('ech,ehi->eci', buf, gate)) *
+         jnp.einsum('ech,ehi->eci', buf, up))
+  y = jnp.einsum('eci,eih->ech', hid, down)
   y = L.constrain(y, ('act_expert', None, 'act_embed')).reshape(e * c, h)
   y = jnp.concatenate([y, jnp.zeros((1, h), y.dtype)])[slot]     # [N, k, H]
   w = jnp.where(slot < e * c, weights, 0.0)[..., None]
@@ -174,7 +170,7 @@ def capacity_experts(x, experts, weights, gate_up, down, act: str, capacity_fact
 class MoEBlock(nn.Module):
   """Sparse MoE feed-forward. x [B, T, H], token_mask [B, T] | None -> ([B, T, H], RouterStats).
 
-  Params: router/kernel [H, E] (fp32 compute), gate_up_proj [E, H, 2, I], down_proj [E, I, H];
+  Params: router/kernel [H, E] (fp32 compute), gate_proj / up_proj [E, H, I], down_proj [E, I, H];
   with `shared_mlp_dim`: shared_expert (SwiGLU) and shared_expert_gate/kernel [H, 1].
   """
   cfg: MoEConfig
@@ -195,18 +191,19 @@ class MoEBlock(nn.Module):
     real = (jnp.ones((b * t,), bool) if token_mask is None
             else token_mask.reshape(-1).astype(bool))
     experts = jnp.where(real[:, None], experts, e)                # padding: routed nowhere
-    gate_up = self.param('gate_up_proj', nn.with_logical_partitioning(
-        nn.initializers.normal(hd ** -0.5), ('expert', 'embed', None, 'expert_mlp')),
-        (e, hd, 2, i), self.param_dtype)
-    down = self.param('down_proj', nn.with_logical_partitioning(
-        nn.initializers.normal(i ** -0.5), ('expert', 'expert_mlp', 'embed')),
-        (e, i, hd), self.param_dtype)
+    def expert_param(name, shape, names, fan_in):
+      w = self.param(name, nn.with_logical_partitioning(nn.initializers.normal(fan_in ** -0.5),
+                                                        names), shape, self.param_dtype)
+      return jnp.asarray(w, self.dtype)
+    w_in = ('expert', 'embed', 'expert_mlp')
+    gate = expert_param('gate_proj', (e, hd, i), w_in, hd)
+    up = expert_param('up_proj', (e, hd, i), w_in, hd)
+    down = expert_param('down_proj', (e, i, hd), ('expert', 'expert_mlp', 'embed'), i)
     xc = xf.astype(self.dtype)
-    gate_up, down = jnp.asarray(gate_up, self.dtype), jnp.asarray(down, self.dtype)
     if m.impl == 'dropless':
-      y, dropped = dropless(xc, experts, weights, gate_up, down, self.act, m.dropless_impl), 0
+      y, dropped = dropless(xc, experts, weights, gate, up, down, self.act, m.dropless_impl), 0
     elif m.impl == 'capacity':
-      y, dropped = capacity_experts(xc, experts, weights, gate_up, down, self.act,
+      y, dropped = capacity_experts(xc, experts, weights, gate, up, down, self.act,
                                     m.capacity_factor)
     else:
       raise ValueError(f"config.model.llm.moe.impl={m.impl!r}: expected 'dropless' or "
@@ -226,3 +223,24 @@ class MoEBlock(nn.Module):
         z=jnp.sum(jax.nn.logsumexp(logits, -1) ** 2 * rf),
         dropped=jnp.asarray(dropped, jnp.float32))
     return y, stats
+
+
+def collect(intermediates) -> RouterStats | None:
+  """Pooled RouterStats of every MoE layer from a `mutable=['intermediates']` apply (None for a
+  dense model)."""
+  found = []
+
+  def visit(tree):
+    if isinstance(tree, dict):
+      for key, value in tree.items():
+        if key == 'moe':
+          found.extend(value)
+        else:
+          visit(value)
+  visit(intermediates.get('intermediates', intermediates))
+  if not found:
+    return None
+  total = found[0]
+  for s in found[1:]:
+    total = total + s
+  return total
