@@ -24,13 +24,18 @@ _ACTS_DP = [('act_batch', BATCH_AXES)]
 _TP = [('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'),
        ('act_heads', 'tensor'), ('act_kv_heads', 'tensor'), ('act_mlp', 'tensor'),
        ('act_vocab', 'tensor')]
+# Expert parallelism: MoE expert weights [E, ...] split over `expert`, and so is the capacity
+# path's [E, C, H] dispatch buffer (`act_expert`); the tokens stay split on the batch axes.
+_EP = [('expert', 'expert'), ('act_expert', 'expert')]
 RULE_PRESETS: dict[str, list[tuple[str, Any]]] = {
     # Replicated parameters, batch split over all devices.
     'dp': _ACTS_DP,
     # ZeRO-3 style: every large parameter split on its `embed` dim over `fsdp`.
-    'fsdp': _ACTS_DP + [('embed', 'fsdp'), ('mlp_out', 'fsdp'), ('expert', 'expert')],
-    # FSDP plus Megatron-style tensor parallelism over heads / mlp / vocab.
-    'fsdp_tp': _ACTS_DP + _TP + [('embed', 'fsdp'), ('mlp_out', 'fsdp'), ('expert', 'expert')],
+    'fsdp': _ACTS_DP + [('embed', 'fsdp'), ('mlp_out', 'fsdp')] + _EP,
+    # FSDP plus Megatron-style tensor parallelism over heads / mlp / vocab (and each expert's
+    # intermediate dim).
+    'fsdp_tp': _ACTS_DP + _TP + [('expert_mlp', 'tensor'), ('embed', 'fsdp'),
+                                 ('mlp_out', 'fsdp')] + _EP,
 }
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,8 @@ load-balancing / z-loss formulas, router gradients, 1 vs 8 devices, and learning
 import dataclasses
 import math
 
+import flax
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +84,165 @@ def test_moe_decoder_matches_transformers_and_export_round_trips(name, tmp_path)
   assert type(back) is cls
   with torch.no_grad():
     assert_close(back(**torch_inputs(inputs)).logits.numpy(), ref, inputs['attention_mask'])
+
+
+def test_fused_in_memory_experts_load_like_the_files(tmp_path):
+  """transformers >= 5 holds experts fused in memory ([E, 2I, H]); its files hold one tensor per
+  expert. Both give the same params."""
+  torch.manual_seed(0)
+  hf = randomize(transformers.MixtralForCausalLM(MOE_DECODERS['mixtral']()))
+  assert any(k.endswith('mlp.experts.gate_up_proj') for k in hf.state_dict())
+  hf.save_pretrained(tmp_path / 'hf')
+  model, params = mllm_jax.load_hf(str(tmp_path / 'hf'))
+  from_memory = mllm_jax.hf.params_from_state_dict(model, hf.state_dict())
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(from_memory))
+
+
+def test_llava_with_mixtral_llm_matches_transformers(tmp_path):
+  from test_hf import build_llava
+  torch.manual_seed(3)
+  text = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, num_local_experts=4,
+                                    num_experts_per_tok=2)
+  vision = transformers.CLIPVisionConfig(hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2,
+                                         image_size=28, patch_size=14)
+  hf = randomize(transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(
+      text_config=text, vision_config=vision, image_token_index=4, vision_feature_layer=-2)))
+  hf.save_pretrained(tmp_path / 'hf')
+  model, params = mllm_jax.load_hf(str(tmp_path / 'hf'))
+  assert model.cfg.llm.moe.num_experts == 4 and model.cfg.vision is not None
+  rng = np.random.RandomState(0)
+  n_img = model.cfg.vision.num_tokens
+  ids = rng.randint(5, 64, (2, 12 + n_img))
+  ids[:, 2:2 + n_img] = 4
+  inputs = dict(input_ids=ids, attention_mask=np.ones_like(ids),
+                pixel_values=rng.randn(2, 3, 28, 28).astype(np.float32))
+  with torch.no_grad():
+    ref = hf(**torch_inputs(inputs)).logits.numpy()
+  assert_close(apply_fn(model)(params, inputs), ref)
+  mllm_jax.save_hf(model, params, str(tmp_path / 'out'))
+  back = transformers.LlavaForConditionalGeneration.from_pretrained(
+      tmp_path / 'out', attn_implementation='eager').eval()
+  with torch.no_grad():
+    assert_close(back(**torch_inputs(inputs)).logits.numpy(), ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# The block: dropless vs a per-expert loop, capacity vs dropless, losses, gradients
+# ----------------------------------------------------------------------------------------------
+E, K, H, I = 4, 2, 16, 8
+
+
+def expert_setup(n=40, seed=0):
+  rng = np.random.RandomState(seed)
+  x = rng.randn(n, H).astype(np.float32)
+  logits = rng.randn(n, E).astype(np.float32)
+  gate, up = (rng.randn(E, H, I).astype(np.float32) * 0.3 for _ in range(2))
+  down = rng.randn(E, I, H).astype(np.float32) * 0.3
+  real = np.ones(n, bool)
+  real[-6:] = False   # padding tokens: routed nowhere
+  _, weights, experts = moe_lib.route(jnp.asarray(logits), K, True)
+  experts = np.where(real[:, None], np.asarray(experts), E)
+  return x, experts, np.asarray(weights), gate, up, down
+
+
+def silu(v):
+  return v / (1 + np.exp(-v))
+
+
+def reference(x, experts, weights, gate, up, down, keep=None):
+  """The plain loop: for each expert, its tokens through its SwiGLU, weighted, accumulated."""
+  out = np.zeros(x.shape, np.float64)
+  keep = np.ones(experts.shape, bool) if keep is None else keep
+  for e in range(E):
+    for n, j in zip(*np.nonzero((experts == e) & keep)):
+      h = silu(x[n] @ gate[e]) * (x[n] @ up[e])
+      out[n] += weights[n, j] * (h @ down[e])
+  return out
+
+
+@pytest.mark.parametrize('impl,block', [('ragged_dot', 0), ('blocks', 8), ('blocks', 128)])
+def test_dropless_equals_per_expert_loop(impl, block):
+  args = expert_setup()
+  kw = dict(block=block) if block else {}
+  ours = moe_lib.dropless(*map(jnp.asarray, args), 'silu', impl, **kw)
+  np.testing.assert_allclose(np.asarray(ours), reference(*args), rtol=1e-5, atol=1e-5)
+
+
+def capacity_reference(experts, c):
+  """Choice-major, then token order: which assignments fit in capacity c."""
+  keep, used = np.zeros(experts.shape, bool), np.zeros(E + 1, int)
+  for j in range(K):
+    for n in range(experts.shape[0]):
+      e = experts[n, j]
+      if e < E and used[e] < c:
+        keep[n, j], used[e] = True, used[e] + 1
+  return keep
+
+
+def test_capacity_equals_dropless_when_ample_and_drops_exactly_what_it_reports():
+  x, experts, weights, gate, up, down = args = expert_setup()
+  jargs = list(map(jnp.asarray, args))
+  ample, dropped = moe_lib.capacity_experts(*jargs, 'silu', capacity_factor=E / K)
+  assert int(dropped) == 0
+  np.testing.assert_allclose(np.asarray(ample), np.asarray(moe_lib.dropless(*jargs, 'silu')),
+                             rtol=1e-5, atol=1e-6)
+  n = x.shape[0]
+  for factor in (0.5, 0.8):
+    c = math.ceil(factor * n * K / E)
+    keep = capacity_reference(experts, c)
+    ours, dropped = moe_lib.capacity_experts(*jargs, 'silu', capacity_factor=factor)
+    real = (experts < E).sum()
+    assert 0 < int(dropped) == real - keep.sum()
+    np.testing.assert_allclose(np.asarray(ours), reference(*args, keep=keep), rtol=1e-5,
+                               atol=1e-5)
+
+
+def block_model(impl='dropless', capacity_factor=1.25, zero_router=False):
+  cfg = moe_lib.MoEConfig(num_experts=E, experts_per_token=K, mlp_dim=I, impl=impl,
+                          capacity_factor=capacity_factor)
+  block = moe_lib.MoEBlock(cfg, H)
+  x = jnp.asarray(np.random.RandomState(1).randn(2, 12, H).astype(np.float32))
+  params = flax.linen.meta.unbox(block.init(jax.random.key(0), x)['params'])
+  if zero_router:
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: jnp.zeros_like(v) if 'router' in jax.tree_util.keystr(p) else v, params)
+  return block, params, x
+
+
+def test_aux_loss_is_k_for_uniform_routing_and_the_formulas_hold():
+  block, params, x = block_model(zero_router=True)
+  _, stats = block.apply({'params': params}, x)
+  out = moe_lib.losses(stats, K)
+  assert float(out['aux_loss']) == K                  # E * sum_e (k/E) * (1/E)
+  np.testing.assert_allclose(float(out['z_loss']), math.log(E) ** 2, rtol=1e-6)
+  block, params, x = block_model()
+  mask = np.ones((2, 12), np.int32)
+  mask[0, :4] = 0
+  _, stats = block.apply({'params': params}, x, jnp.asarray(mask))
+  logits = np.asarray(x.reshape(-1, H) @ params['router']['kernel'], np.float64)
+  logits = logits[mask.reshape(-1) > 0]
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  counts = np.zeros(E)
+  for row in np.argsort(-probs, -1)[:, :K]:
+    counts[row] += 1
+  expect = E * np.sum(counts / len(probs) * probs.mean(0))
+  lse = np.log(np.exp(logits).sum(-1))
+  out = moe_lib.losses(stats, K)
+  np.testing.assert_allclose(float(out['aux_loss']), expect, rtol=1e-5)
+  np.testing.assert_allclose(float(out['z_loss']), np.mean(lse ** 2), rtol=1e-5)
+  assert float(stats.rows) == mask.sum()
+
+
+def test_router_gets_gradients_from_the_output_and_the_aux_loss():
+  block, params, x = block_model()
+
+  def loss(p, which):
+    y, stats = block.apply({'params': p}, x)
+    return jnp.sum(y ** 2) if which == 'out' else moe_lib.losses(stats, K)[which]
+  for which in ('out', 'aux_loss', 'z_loss'):
+    g = jax.grad(loss)(params, which)['router']['kernel']
+    assert float(jnp.abs(g).max()) > 1e-6, which

@@ -491,6 +491,9 @@ def _llm_rename(cfg):
   return _moe_renamer(cfg.llm, _renamer([], _BUFFERS + tied))
 
 
+_MIXTRAL_MLP = re.compile(r'(model\.layers\.\d+)\.mlp\.')
+
+
 def _moe_renamer(llm: LLMConfig, rename):
   """Mixtral's in-memory module is `mlp`, its files' `block_sparse_moe`: files win."""
   if not llm.moe.num_experts or moe_module(llm) != 'block_sparse_moe':
@@ -498,7 +501,7 @@ def _moe_renamer(llm: LLMConfig, rename):
 
   def moe_rename(key):
     key = rename(key)
-    return None if key is None else key.replace('.mlp.', '.block_sparse_moe.')
+    return None if key is None else _MIXTRAL_MLP.sub(r'\1.block_sparse_moe.', key)
   return moe_rename
 
 

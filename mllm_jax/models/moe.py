@@ -244,3 +244,23 @@ def collect(intermediates) -> RouterStats | None:
   for s in found[1:]:
     total = total + s
   return total
+
+
+def apply_with_router_stats(model: nn.Module, variables, *args, **kwargs):
+  """`model.apply(...)` that also returns the pooled RouterStats (None for a dense model)."""
+  cfg = getattr(model.cfg, 'llm', model.cfg)
+  if not cfg.moe.num_experts:
+    return model.apply(variables, *args, **kwargs), None
+  out, inter = model.apply(variables, *args, mutable=['intermediates'], **kwargs)
+  return out, collect(inter)
+
+
+def loss_terms(model: nn.Module, stats: RouterStats | None) -> dict:
+  """-> {'moe_loss': aux_loss_coef * aux + z_loss_coef * z (add to the training loss),
+  'moe/aux_loss', 'moe/z_loss', 'moe/dropped_fraction'}; {} for a dense model."""
+  if stats is None:
+    return {}
+  m = getattr(model.cfg, 'llm', model.cfg).moe
+  terms = losses(stats, m.experts_per_token)
+  return {'moe_loss': m.aux_loss_coef * terms['aux_loss'] + m.z_loss_coef * terms['z_loss'],
+          **{f'moe/{k}': v for k, v in terms.items()}}
