@@ -246,3 +246,68 @@ def test_router_gets_gradients_from_the_output_and_the_aux_loss():
   for which in ('out', 'aux_loss', 'z_loss'):
     g = jax.grad(loss)(params, which)['router']['kernel']
     assert float(jnp.abs(g).max()) > 1e-6, which
+
+
+# ----------------------------------------------------------------------------------------------
+# Train step: router losses in the loss and metrics; 1 vs 8 devices with expert parallelism
+# ----------------------------------------------------------------------------------------------
+def moe_mllm(impl='dropless', **moe_kw):
+  moe = dict(num_experts=4, experts_per_token=2, mlp_dim=16, impl=impl, capacity_factor=1.0,
+             aux_loss_coef=0.01, z_loss_coef=0.001)
+  return MLLM(MLLMConfig.from_dict(dict(
+      llm=dict(vocab_size=96, hidden=32, depth=2, heads=4, kv_heads=2, mlp_dim=48,
+               moe={**moe, **moe_kw}),
+      vision=None)))
+
+
+def train_setup(model, mesh, params=None):
+  import optax
+  from mllm_jax.train import steps
+  factory = steps.StateFactory(model, mesh, shd.logical_rules('fsdp'))
+  params = (factory.init_params(jax.random.key(0)) if params is None
+            else jax.device_put(params, factory.param_shardings))
+  tx = optax.sgd(1.0)
+  mask = factory.mask('.*', 'trainable')
+  return (factory, factory.create_state(params, tx, mask),
+          steps.make_train_step(model, tx, mask), tx, mask)
+
+
+@pytest.mark.parametrize('impl', ['dropless', 'capacity'])
+def test_moe_train_step_same_on_1_and_8_devices_with_expert_parallelism(impl):
+  from test_train import assert_grads_close, grads_of_step, make_batch, mesh1
+  batch = {k: v for k, v in make_batch().items() if k != 'pixel_values'}
+  model = moe_mllm(impl)
+  one = train_setup(model, mesh1())
+  params0 = jax.device_get(one[1].params)
+  eight = train_setup(model, shd.make_mesh({'expert': 4, 'fsdp': 2}), params0)
+  spec = eight[1].params['llm']['layers']['mlp']['gate_proj'].sharding.spec
+  assert spec == jax.sharding.PartitionSpec(None, 'expert', 'fsdp', None)   # [layers, E, H, I]
+  (m1, g1), (m8, g8) = grads_of_step(*one, batch), grads_of_step(*eight, batch)
+  for key in ('loss', 'moe/aux_loss', 'moe/z_loss', 'moe/dropped_fraction', 'grad_norm'):
+    np.testing.assert_allclose(m1[key], m8[key], rtol=2e-5, err_msg=key)
+  assert (m1['moe/dropped_fraction'] > 0) == (impl == 'capacity')
+  assert 1.0 <= m1['moe/aux_loss'] < 4.0 and m1['moe/z_loss'] > 0
+  assert_grads_close(g1, g8)
+  # the router is trained, by the CE and by the router losses
+  assert np.abs(g1['llm']['layers']['mlp']['router']['kernel']).max() > 0
+
+
+def test_router_losses_enter_the_training_loss():
+  """Changing only the coefficients changes the gradient exactly by coef * grad(aux)."""
+  from test_train import grads_of_step, make_batch, mesh1
+  batch = {k: v for k, v in make_batch().items() if k != 'pixel_values'}
+  base = train_setup(moe_mllm(aux_loss_coef=0.0, z_loss_coef=0.0), mesh1())
+  params0 = jax.device_get(base[1].params)
+  with_aux = train_setup(moe_mllm(aux_loss_coef=1.0, z_loss_coef=0.0), mesh1(), params0)
+  (m0, g0), (m1, g1) = grads_of_step(*base, batch), grads_of_step(*with_aux, batch)
+  np.testing.assert_allclose(m0['loss'], m1['loss'], rtol=1e-6)   # `loss` stays the CE
+  np.testing.assert_allclose(m0['moe/aux_loss'], m1['moe/aux_loss'], rtol=1e-6)
+  router = lambda g: g['llm']['layers']['mlp']['router']['kernel']
+  model = moe_mllm()
+
+  def aux_only(p):
+    _, stats = moe_lib.apply_with_router_stats(model, {'params': p}, jnp.asarray(
+        batch['input_ids']), attention_mask=jnp.asarray(batch['attention_mask']))
+    return moe_lib.losses(stats, 2)['aux_loss']
+  expect = jax.grad(aux_only)(params0)
+  np.testing.assert_allclose(router(g1) - router(g0), router(expect), atol=1e-5)
