@@ -80,6 +80,43 @@ def _ranks(experts, num_experts: int):
   return position - starts[experts], sizes[:num_experts], order
 
 
+def _block_matmul_fwd_core(xb, w, block_expert, active):
+  def one(_, inp):
+    xj, ej, on = inp
+    zeros = jnp.zeros(xj.shape[:1] + w.shape[2:], xj.dtype)
+    return None, jax.lax.cond(on, lambda: jnp.dot(xj, w[ej]), lambda: zeros)
+  return jax.lax.scan(one, None, (xb, block_expert, active))[1]
+
+
+@jax.custom_vjp
+def _block_matmul(xb, w, block_expert, active):
+  """xb [nb, b, K] x w [E, K, M] -> [nb, b, M], block j times w[block_expert[j]] (zeros where
+  not `active`). A scan over blocks; the backward accumulates each block's weight gradient
+  into its expert's slice in place (autodiff of `w[e]` inside a scan would add a full-size
+  [E, K, M] zero-padded gradient per block)."""
+  return _block_matmul_fwd_core(xb, w, block_expert, active)
+
+
+def _block_matmul_fwd(xb, w, block_expert, active):
+  return _block_matmul_fwd_core(xb, w, block_expert, active), (xb, w, block_expert, active)
+
+
+def _block_matmul_bwd(res, dy):
+  xb, w, block_expert, active = res
+
+  def one(dw, inp):
+    xj, dyj, ej, on = inp
+    def run(dw):
+      dx = jnp.dot(dyj, w[ej].T)
+      return dw.at[ej].add(jnp.dot(xj.T, dyj).astype(dw.dtype)), dx
+    return jax.lax.cond(on, run, lambda dw: (dw, jnp.zeros_like(xj)), dw)
+  dw, dx = jax.lax.scan(one, jnp.zeros_like(w), (xb, dy, block_expert, active))
+  return dx, dw, None, None
+
+
+_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+
+
 def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
              block: int = BLOCK):
   """Every assignment computed. x [N, H]; experts/weights [N, k] (expert id E = none);
@@ -119,13 +156,9 @@ def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
     block_expert = jnp.clip(
         jnp.searchsorted(jnp.cumsum(blocks_per), jnp.arange(nb), side='right'), 0, e - 1)
 
-    def one(_, inp):
-      xj, ej, j = inp
-      def run(xj):
-        return jnp.dot(fn(jnp.dot(xj, gate[ej])) * jnp.dot(xj, up[ej]), down[ej])
-      return None, jax.lax.cond(j < used, run, lambda xj: jnp.zeros((block, h), xj.dtype), xj)
-
-    _, yb = jax.lax.scan(one, None, (xb, block_expert, jnp.arange(nb)))
+    active = jnp.arange(nb) < used
+    bm = lambda a, w: _block_matmul(a, w, block_expert, active)
+    yb = bm(fn(bm(xb, gate)) * bm(xb, up), down)                   # [nb, block, H]
     y = jnp.concatenate([yb.reshape(nb * block, h), jnp.zeros((1, h), yb.dtype)])[dest]
   else:
     raise ValueError(f"config.model.llm.moe.dropless_impl={impl!r}: expected 'auto', "
