@@ -83,6 +83,9 @@ def main():
     tps = B * T / st.step_time()
     print(f'{name:12s} {tps:9.0f} tokens/s  time / dense {st.step_time() / dense:5.2f}   '
           f'{st.describe()}')
+  best = {name: min(st.seconds) for name, (_, _, st) in runs.items()}
+  print('fastest step / dense fastest: ' + ', '.join(
+      f'{name} {t / best["dense"]:.2f}' for name, t in best.items()))
   ratio = runs['dropless'][2].step_time() / dense
   print(f'dropless_over_dense={ratio:.3f} capacity_over_dense='
         f'{runs["capacity"][2].step_time() / dense:.3f} target<=1.5 '

@@ -72,7 +72,7 @@ def route(logits, k: int, norm_topk_prob: bool):
 
 def _ranks(experts, num_experts: int):
   """experts [A] (ids, `num_experts` = routed nowhere) -> (rank of each assignment among those of
-  its expert in order [A], assignments per expert [E])."""
+  its expert, in order [A]; assignments per expert [E]; the stable sort by expert [A])."""
   order = jnp.argsort(experts, stable=True)
   sizes = jnp.bincount(experts, length=num_experts + 1)
   starts = jnp.cumsum(sizes) - sizes
@@ -106,10 +106,11 @@ def _block_matmul_bwd(res, dy):
 
   def one(dw, inp):
     xj, dyj, ej, on = inp
-    def run(dw):
-      dx = jnp.dot(dyj, w[ej].T)
-      return dw.at[ej].add(jnp.dot(xj.T, dyj).astype(dw.dtype)), dx
-    return jax.lax.cond(on, run, lambda dw: (dw, jnp.zeros_like(xj)), dw)
+    dx, dwj = jax.lax.cond(
+        on, lambda: (jnp.dot(dyj, w[ej].T), jnp.dot(xj.T, dyj).astype(dw.dtype)),
+        lambda: (jnp.zeros_like(xj), jnp.zeros(w.shape[1:], dw.dtype)))
+    # the carry is updated outside the cond, so XLA updates it in place
+    return dw.at[ej].add(dwj), dx
   dw, dx = jax.lax.scan(one, jnp.zeros_like(w), (xb, dy, block_expert, active))
   return dx, dw, None, None
 
@@ -163,8 +164,9 @@ def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
   else:
     raise ValueError(f"config.model.llm.moe.dropless_impl={impl!r}: expected 'auto', "
                      "'ragged_dot' or 'blocks'")
-  w = jnp.where(experts < e, weights, 0.0).reshape(n * k, 1)
-  y = (y.astype(jnp.float32) * w).reshape(n, k, h).sum(1)
+  real = (experts < e).reshape(n * k, 1)   # rows past the routed ones: never read as numbers
+  y = jnp.where(real, y.astype(jnp.float32) * weights.reshape(n * k, 1), 0.0)
+  y = y.reshape(n, k, h).sum(1)
   return y.astype(x.dtype)
 
 
