@@ -325,6 +325,17 @@ def test_router_losses_enter_the_training_loss():
 # ----------------------------------------------------------------------------------------------
 # Configs
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name', ['demo_moe', 'llava_mixtral_8x7b'])
+def test_moe_configs_are_locked_and_build_moe_models(name):
+  from test_configs import load
+  from mllm_jax.train import loop
+  c = load(name)
+  with pytest.raises(AttributeError):
+    c.model.llm.moe.num_expertz = 1   # locked: misspelt keys fail
+  llm = loop.model_config(c).llm
+  assert all(llm.moe_layers) and llm.moe.experts_per_token == 2
+
+
 def test_mixtral_8x7b_llava_size_and_expert_parallel_layout():
   """Full scale, abstractly (jax.eval_shape; nothing allocated): Mixtral-8x7B's 46.7B params plus
   CLIP-L and the projector, experts split over `expert` and the rest over `fsdp`."""
