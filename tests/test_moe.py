@@ -328,11 +328,10 @@ def test_router_losses_enter_the_training_loss():
 @pytest.mark.parametrize('name', ['demo_moe', 'llava_mixtral_8x7b'])
 def test_moe_configs_are_locked_and_build_moe_models(name):
   from test_configs import load
-  from mllm_jax.train import loop
   c = load(name)
   with pytest.raises(AttributeError):
     c.model.llm.moe.num_expertz = 1   # locked: misspelt keys fail
-  llm = loop.model_config(c).llm
+  llm = LLMConfig(**c.model.llm.to_dict())
   assert all(llm.moe_layers) and llm.moe.experts_per_token == 2
 
 
