@@ -281,7 +281,7 @@ def train_setup(model, mesh, params=None):
           steps.make_train_step(model, tx, mask), tx, mask)
 
 
-@pytest.mark.parametrize('impl', ['dropless', 'capacity'])
+@pytest.mark.parametrize('impl', [pytest.param('dropless', marks=pytest.mark.slow), 'capacity'])
 def test_moe_train_step_same_on_1_and_8_devices_with_expert_parallelism(impl):
   from test_train import assert_grads_close, grads_of_step, make_batch, mesh1
   batch = {k: v for k, v in make_batch().items() if k != 'pixel_values'}
@@ -301,6 +301,7 @@ def test_moe_train_step_same_on_1_and_8_devices_with_expert_parallelism(impl):
   assert np.abs(g1['llm']['layers']['mlp']['router']['kernel']).max() > 0
 
 
+@pytest.mark.slow
 def test_router_losses_enter_the_training_loss():
   """Changing only the coefficients changes the gradient exactly by coef * grad(aux)."""
   from test_train import grads_of_step, make_batch, mesh1
@@ -409,7 +410,8 @@ def test_moe_model_learns_through_the_train_step():
   assert float(metrics['moe/aux_loss']) < 2.2 and float(metrics['moe/dropped_fraction']) < 0.1
 
 
-@pytest.mark.parametrize('every,dense_layers', [(2, ()), (1, (0,))])
+@pytest.mark.parametrize('every,dense_layers', [
+    (2, ()), pytest.param(1, (0,), marks=pytest.mark.slow)])
 def test_kv_cache_decode_equals_full_forward_with_moe_stacks(every, dense_layers):
   """Prefill + token-by-token decode through stacks of groups / runs gives the full forward's
   logits (the cache is split and re-joined per stack)."""
@@ -423,12 +425,13 @@ def test_kv_cache_decode_equals_full_forward_with_moe_stacks(every, dense_layers
   full = model.apply({'params': params}, ids)
   cache = model.apply({'params': params}, 2, 10, method='init_cache')
   embed = lambda x: model.apply({'params': params}, x, method='embed')
-  step = jax.jit(lambda c, x: model.apply({'params': params}, embed(x), cache=c,
-                                          method='hidden_states'))
-  h, cache = step(cache, ids[:, :6])
+  step = jax.jit(lambda c, x, pos: model.apply({'params': params}, embed(x), positions=pos,
+                                               cache=c, method='hidden_states'))
+  positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  h, cache = step(cache, ids[:, :6], positions[:, :6])
   outs = [h]
   for t in range(6, 10):
-    h, cache = step(cache, ids[:, t:t + 1])
+    h, cache = step(cache, ids[:, t:t + 1], positions[:, t:t + 1])
     outs.append(h)
   logits = model.apply({'params': params}, jnp.concatenate(outs, 1), method='logits')
   np.testing.assert_allclose(np.asarray(logits), np.asarray(full), atol=2e-5)
