@@ -410,8 +410,8 @@ def test_moe_model_learns_through_the_train_step():
   assert float(metrics['moe/aux_loss']) < 2.2 and float(metrics['moe/dropped_fraction']) < 0.1
 
 
-@pytest.mark.parametrize('every,dense_layers', [
-    (2, ()), pytest.param(1, (0,), marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('every,dense_layers', [(2, ()), (1, (0,))])
 def test_kv_cache_decode_equals_full_forward_with_moe_stacks(every, dense_layers):
   """Prefill + token-by-token decode through stacks of groups / runs gives the full forward's
   logits (the cache is split and re-joined per stack)."""
