@@ -46,9 +46,13 @@ def base_config() -> CD:
                norm_eps=1e-5, rope_theta=10000.0,
                rope_scaling=dict(type='default', factor=1.0, low_freq_factor=1.0,
                                  high_freq_factor=4.0, original_max_position=8192),
-               max_position=4096, qkv_bias=False, sliding_window=0, tie_embeddings=False,
-               act='silu',
-               moe=dict(num_experts=0, experts_per_token=2, every=1, mlp_dim=0),
+               max_position=4096, qkv_bias=False, qk_norm=False, sliding_window=0,
+               tie_embeddings=False, act='silu',
+               # Mixture-of-Experts (mllm_jax.models.moe; docs/moe.md): 0 experts = dense
+               moe=dict(num_experts=0, experts_per_token=2, every=1, dense_layers=(),
+                        mlp_dim=0, shared_mlp_dim=0, norm_topk_prob=True, impl='dropless',
+                        dropless_impl='auto', capacity_factor=1.25, aux_loss_coef=0.001,
+                        z_loss_coef=0.0),
                hf_path=''),             # HF Llama/Mistral/Qwen2 dir to start the LLM from
       vision=dict(kind='clip', image_size=336, patch_size=14, width=1024, depth=24, heads=16,
                   mlp_dim=4096, norm_eps=1e-5, act='', feature_layer=-2,

@@ -142,13 +142,20 @@ class UnrolledDecoder:
   """
 
   def __init__(self, model, params):
-    from mllm_jax.models.llm import DecoderBlock
+    from mllm_jax.models.llm import DecoderBlock, layer_plan
     c = model.cfg
     self.model, self.params, self.cfg = model, params, c.llm
-    self.block = DecoderBlock(c.llm, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
-                              attention_impl=c.attention)
-    stacked = params['llm']['layers']
-    self.layers = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(c.llm.depth)]
+    # Per layer, in order: (block module, its weights), from every scanned stack of the plan
+    # (a stack of groups holds `block_j` sub-trees; MoE layers are MoE blocks).
+    self.layers = []
+    for name, kinds, reps, _ in layer_plan(c.llm):
+      stacked = params['llm'][name]
+      for r in range(reps):
+        group = jax.tree.map(lambda x, r=r: x[r], stacked)
+        for j, is_moe in enumerate(kinds):
+          block = DecoderBlock(c.llm, dtype=c.compute_dtype, param_dtype=c.weight_dtype,
+                               attention_impl=c.attention, moe=is_moe)
+          self.layers.append((block, group if len(kinds) == 1 else group[f'block_{j}']))
 
   def split_cache(self, cache):
     """Stacked cache (k, v [depth, ...]) -> per-layer lists."""
@@ -166,9 +173,11 @@ class UnrolledDecoder:
     mask = L.make_cache_mask(filled, index, t, c.sliding_window)
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(c.dim_per_head, c.rope_theta,
                                                          c.rope_scaling.as_dict()))
+    token_mask = jnp.ones(ids.shape, jnp.int32) if c.moe.num_experts else None
     ks, vs = [], []
-    for p, k, v in zip(self.layers, cache['k'], cache['v']):
-      x, kv = self.block.apply({'params': p}, x, mask, cos, sin, dict(k=k, v=v, index=index))
+    for (block, p), k, v in zip(self.layers, cache['k'], cache['v']):
+      x, (kv, _) = block.apply({'params': p}, x, mask, cos, sin, token_mask,
+                               dict(k=k, v=v, index=index))
       ks.append(kv['k'])
       vs.append(kv['v'])
     h = self.model.apply(variables, x, method=lambda m, x: m.llm.norm(x))

@@ -24,13 +24,21 @@ _ACTS_DP = [('act_batch', BATCH_AXES)]
 _TP = [('heads', 'tensor'), ('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'),
        ('act_heads', 'tensor'), ('act_kv_heads', 'tensor'), ('act_mlp', 'tensor'),
        ('act_vocab', 'tensor')]
+# Expert parallelism: MoE expert weights [E, ...] split over `expert`, and so is the capacity
+# path's [E, C, H] dispatch buffer (`act_expert`); the tokens stay split on the batch axes.
+# Every other weight's `embed` dim is split over fsdp x expert (FSDP over both axes); in an
+# expert weight `expert` is taken, so flax falls back to the next rule, `embed` -> fsdp.
+_EP = [('expert', 'expert'), ('act_expert', 'expert')]
+_FSDP = [('embed', ('fsdp', 'expert')), ('embed', 'fsdp'), ('mlp_out', ('fsdp', 'expert')),
+         ('mlp_out', 'fsdp')]
 RULE_PRESETS: dict[str, list[tuple[str, Any]]] = {
     # Replicated parameters, batch split over all devices.
     'dp': _ACTS_DP,
-    # ZeRO-3 style: every large parameter split on its `embed` dim over `fsdp`.
-    'fsdp': _ACTS_DP + [('embed', 'fsdp'), ('mlp_out', 'fsdp'), ('expert', 'expert')],
-    # FSDP plus Megatron-style tensor parallelism over heads / mlp / vocab.
-    'fsdp_tp': _ACTS_DP + _TP + [('embed', 'fsdp'), ('mlp_out', 'fsdp'), ('expert', 'expert')],
+    # ZeRO-3 style: every large parameter split on its `embed` dim over `fsdp` (and `expert`).
+    'fsdp': _ACTS_DP + _EP + _FSDP,
+    # FSDP plus Megatron-style tensor parallelism over heads / mlp / vocab (and each expert's
+    # intermediate dim).
+    'fsdp_tp': _ACTS_DP + _TP + [('expert_mlp', 'tensor')] + _EP + _FSDP,
 }
 
 log = logging.getLogger(__name__)

@@ -130,12 +130,8 @@ def check_keys(ckpt: Checkpoint, rules: list[Rule], targets: dict, what: str):
   listing all missing, unexpected and mis-shaped tensors (never a silent random init)."""
   expected = {}
   for r in rules:
-    t = targets[r.path]
-    if r.stacked:
-      for i in range(t.shape[0]):
-        expected[r.key.format(i=i)] = r.hf_shape(t.shape[1:])
-    else:
-      expected[r.key] = r.hf_shape(t.shape)
+    for key, shape, _ in r.hf_tensors(targets[r.path].shape):
+      expected[key] = shape
   present = set(ckpt.keys())
   missing = set(expected) - present
   unexpected = present - set(expected)
@@ -169,10 +165,9 @@ def load_params(ckpt: Checkpoint, rules: list[Rule], targets: dict, what: str = 
   for r in rules:
     t = targets[r.path]
     if r.stacked:
-      out[r.path] = _place_stacked(
-          lambda i, r=r, t=t: r.to_ours(ckpt.read(r.key.format(i=i)), t.shape[1:]), t)
+      out[r.path] = _place_stacked(lambda i, r=r, t=t: r.read(ckpt, t.shape[1:], i), t)
     else:
-      out[r.path] = _place(r.to_ours(ckpt.read(r.key), t.shape), t)
+      out[r.path] = _place(r.read(ckpt, t.shape), t)
   return out
 
 
@@ -219,7 +214,8 @@ def load_hf(path: str, dtype=jnp.float32, mesh=None, rules='fsdp'):
   model = build_model(cfg, dtype)
   targets = param_targets(model, mesh, rules)
   with Checkpoint(path, family.rename(cfg)) as ckpt:
-    flat = load_params(ckpt, rules_for(cfg), targets, f'{arch} as described by its config.json')
+    flat = load_params(families.FusedExperts(ckpt), rules_for(cfg), targets,
+                       f'{arch} as described by its config.json')
   return model, flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
@@ -271,7 +267,8 @@ def _rules_for_model(model):
 def params_from_state_dict(model, state_dict, mesh=None, rules='fsdp'):
   """A transformers model's `state_dict()` (or any {key: tensor}) -> params of `model` (MLLM,
   Decoder or VisionEncoder). Accepts the same key layouts as checkpoint files."""
-  flat = load_params(StateDict(state_dict, _rename_for(model)), _rules_for_model(model),
+  flat = load_params(families.FusedExperts(StateDict(state_dict, _rename_for(model))),
+                     _rules_for_model(model),
                      param_targets(model, mesh, rules), type(model).__name__)
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
@@ -287,8 +284,8 @@ def hf_config_for(model, dtype: str = 'float32'):
     hf = families.vision_to_hf(cfg, dtype)
   elif isinstance(model, Decoder) or cfg.vision is None:
     llm = cfg if isinstance(model, Decoder) else cfg.llm
-    arch = 'Qwen2ForCausalLM' if llm.qkv_bias else 'LlamaForCausalLM'
     hf = families.llm_to_hf(llm, dtype)
+    arch = families.llm_architecture(hf)
   else:
     arch = families.mllm_arch(cfg)
     hf = families.mllm_to_hf(cfg, dtype)
@@ -302,8 +299,10 @@ def save_hf(model, params, path: str, max_shard_size: int = 5 * 2 ** 30) -> str:
   config.json + safetensors (sharded with an index beyond `max_shard_size` bytes) in the layout
   transformers 5.x `save_pretrained` writes, so `<Architecture>.from_pretrained(path)` /
   AutoModel load it and give the same logits. Text-only models export as LlamaForCausalLM
-  (Qwen2ForCausalLM when q/k/v have biases); LLaVA-NeXT when `image_grid_pinpoints` is set;
-  BLIP-2 / InstructBLIP for a Q-Former connector (`mllm_jax.hf.blip2`).
+  (Qwen2 with q/k/v biases, Mistral with a sliding window, Qwen3 with q/k norms; MoE decoders
+  as Mixtral, Qwen2-MoE or Qwen3-MoE: `families.llm_to_hf`); LLaVA-NeXT when
+  `image_grid_pinpoints` is set; BLIP-2 / InstructBLIP for a Q-Former connector
+  (`mllm_jax.hf.blip2`).
   Tensors are fetched and written one at a time. Returns `path`.
   """
   flat = flax.traverse_util.flatten_dict(params, sep='/')
@@ -320,14 +319,13 @@ def save_hf(model, params, path: str, max_shard_size: int = 5 * 2 ** 30) -> str:
   plan, source = [], {}
   for r in rules:
     x = flat[r.path]
-    for i in (range(x.shape[0]) if r.stacked else [None]):
-      key = r.key.format(i=i) if r.stacked else r.key
-      plan.append((key, r.hf_shape(x.shape[1:] if r.stacked else x.shape), x.dtype))
-      source[key] = (r, x, i)
+    for key, shape, index in r.hf_tensors(x.shape):
+      plan.append((key, shape, x.dtype))
+      source[key] = (r, x, index)
 
   def fetch(key):
-    r, x, i = source[key]
-    return r.to_hf(np.asarray(jax.device_get(x if i is None else x[i])))
+    r, x, index = source[key]
+    return r.to_hf(np.asarray(jax.device_get(x[index] if index else x)))
 
   os.makedirs(path, exist_ok=True)
   write_checkpoint(path, plan, fetch, max_shard_size)

@@ -34,11 +34,31 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-  """Room for the Mixture-of-Experts option (num_experts=0 means dense MLP everywhere)."""
+  """Mixture-of-Experts feed-forward (mllm_jax.models.moe); num_experts=0 means dense everywhere.
+
+  Layer i (0-based) is an MoE layer when (i + 1) % every == 0 and i is not in dense_layers
+  (Qwen2-MoE's decoder_sparse_step / mlp_only_layers; Mixtral: every=1).
+  """
   num_experts: int = 0
   experts_per_token: int = 2
   every: int = 1                  # MoE block on every `every`-th layer
-  mlp_dim: int = 0
+  dense_layers: tuple[int, ...] = ()   # layers kept dense regardless of `every`
+  mlp_dim: int = 0                # expert intermediate size (0 -> the LLM's mlp_dim)
+  shared_mlp_dim: int = 0         # Qwen2-MoE shared expert (sigmoid-gated); 0 = none
+  norm_topk_prob: bool = True     # renormalise the top-k weights (Mixtral; Qwen option)
+  impl: str = 'dropless'          # 'dropless' | 'capacity' (token dropping, fixed shapes)
+  dropless_impl: str = 'auto'     # 'ragged_dot' | 'blocks' | 'auto' (blocks on CPU)
+  capacity_factor: float = 1.25   # capacity = ceil(factor * tokens * k / num_experts)
+  aux_loss_coef: float = 0.001    # Switch load-balancing loss (transformers' router_aux_loss_coef)
+  z_loss_coef: float = 0.0        # ST-MoE router z-loss
+
+  def __post_init__(self):
+    object.__setattr__(self, 'dense_layers', tuple(int(i) for i in self.dense_layers))
+    if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+      raise ValueError(f'config.model.llm.moe.experts_per_token={self.experts_per_token} must '
+                       f'be in [1, num_experts={self.num_experts}]')
+    if self.every < 1:
+      raise ValueError(f'config.model.llm.moe.every={self.every} must be >= 1')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +76,7 @@ class LLMConfig:
   rope_scaling: RopeScaling = RopeScaling()
   max_position: int = 4096
   qkv_bias: bool = False          # Qwen2
+  qk_norm: bool = False           # Qwen3: per-head RMSNorm of queries and keys before RoPE
   sliding_window: int = 0         # Mistral: attend to the last `sliding_window` tokens (0 = all)
   tie_embeddings: bool = False
   act: str = 'silu'
@@ -68,6 +89,15 @@ class LLMConfig:
                          _build(RopeScaling, self.rope_scaling, 'config.model.llm.rope_scaling'))
     if isinstance(self.moe, dict):
       object.__setattr__(self, 'moe', _build(MoEConfig, self.moe, 'config.model.llm.moe'))
+    if self.moe.num_experts and not self.moe.mlp_dim:
+      object.__setattr__(self, 'moe', dataclasses.replace(self.moe, mlp_dim=self.mlp_dim))
+
+  @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    """Per layer: True where the feed-forward is an MoE block."""
+    m = self.moe
+    return tuple(bool(m.num_experts) and (i + 1) % m.every == 0 and i not in m.dense_layers
+                 for i in range(self.depth))
 
   @property
   def num_kv_heads(self):

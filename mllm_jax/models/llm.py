@@ -1,10 +1,14 @@
-"""Decoder-only LLM of the Llama / Qwen2 / Mistral family.
+"""Decoder-only LLM of the Llama / Qwen2 / Qwen3 / Mistral family, dense or Mixture-of-Experts
+(Mixtral, Qwen2-MoE, Qwen3-MoE).
 
     ids -> embed_tokens -> [DecoderBlock] x depth (nn.scan) -> RMSNorm -> lm_head -> logits
-    DecoderBlock: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x))
+    DecoderBlock: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x)) or MoEBlock(RMSNorm(x))
 
 Parameter names follow the HF modules (q_proj, gate_proj, input_norm, ...) so that checkpoint
-conversion is a rename plus a transpose. Layers are stacked on a leading `layers` axis.
+conversion is a rename plus a transpose. Layers are stacked on a leading `layers` axis. When
+MoE and dense layers mix, `layer_plan` splits the depth into scanned stacks: one stack of
+groups ([every - 1 dense blocks, 1 MoE block], params `layers/block_{j}/...`) when the pattern
+repeats, else one stack per run of same-kind layers (`layers_0`, `layers_1`, ...).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from mllm_jax.models import layers as L
+from mllm_jax.models import moe as moe_lib
 from mllm_jax.models.config import LLMConfig
 
 REMAT_POLICIES = {
@@ -56,6 +61,9 @@ class Attention(nn.Module):
                        use_bias=c.qkv_bias, name='k_proj', **kw)(x)
     v = L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
                        use_bias=c.qkv_bias, name='v_proj', **kw)(x)
+    if c.qk_norm:   # Qwen3: RMSNorm over each head's dim, before RoPE
+      q = L.RMSNorm(c.norm_eps, name='q_norm', **kw)(q)
+      k = L.RMSNorm(c.norm_eps, name='k_norm', **kw)(k)
     q = L.constrain(L.apply_rope(q, cos, sin), ('act_batch', 'act_length', 'act_heads', None))
     k = L.constrain(L.apply_rope(k, cos, sin), ('act_batch', 'act_length', 'act_kv_heads', None))
     v = L.constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
@@ -88,23 +96,75 @@ class GatedMLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm transformer block; scanned, so it returns (carry, None)."""
+  """Pre-norm transformer block; scanned, so it returns (carry, (kv, router stats | None))."""
   cfg: LLMConfig
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str = 'einsum'
   attention_blocks: int = 1
+  moe: bool = False   # MoE feed-forward instead of the dense SwiGLU
 
   @nn.compact
-  def __call__(self, x, mask, cos, sin, kv=None):
+  def __call__(self, x, mask, cos, sin, token_mask=None, kv=None):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = L.RMSNorm(c.norm_eps, name='input_norm', **kw)(x)
     attn = Attention(c, impl=self.attention_impl, blocks=self.attention_blocks, name='attn', **kw)
     a, kv = attn(h, mask, cos, sin, kv)
     x = x + a
     h = L.RMSNorm(c.norm_eps, name='post_attn_norm', **kw)(x)
-    x = x + GatedMLP(c.hidden, c.mlp_dim, c.act, name='mlp', **kw)(h)
-    return L.constrain(x, ('act_batch', 'act_length', 'act_embed')), kv
+    stats = None
+    if self.moe:
+      y, stats = moe_lib.MoEBlock(c.moe, c.hidden, c.act, name='mlp', **kw)(h, token_mask)
+    else:
+      y = GatedMLP(c.hidden, c.mlp_dim, c.act, name='mlp', **kw)(h)
+    x = x + y
+    return L.constrain(x, ('act_batch', 'act_length', 'act_embed')), (kv, stats)
+
+
+class DecoderGroup(nn.Module):
+  """Consecutive blocks scanned as one unit (e.g. every-1 dense blocks then an MoE block)."""
+  cfg: LLMConfig
+  kinds: tuple[bool, ...]   # per block: MoE?
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  attention_impl: str = 'einsum'
+  attention_blocks: int = 1
+  remat_policy: str = 'none'
+
+  @nn.compact
+  def __call__(self, x, mask, cos, sin, token_mask=None, kv=None):
+    block = remat(DecoderBlock, self.remat_policy)
+    kvs, stats = [], None
+    for j, is_moe in enumerate(self.kinds):
+      kv_j = None if kv is None else jax.tree.map(lambda a: a[j], kv)
+      x, (kv_j, st) = block(self.cfg, self.dtype, self.param_dtype, self.attention_impl,
+                            self.attention_blocks, is_moe, name=f'block_{j}')(
+                                x, mask, cos, sin, token_mask, kv_j)
+      kvs.append(kv_j)
+      if st is not None:
+        stats = st if stats is None else stats + st
+    kv = None if kv is None else jax.tree.map(lambda *a: jnp.stack(a), *kvs)
+    return x, (kv, stats)
+
+
+def layer_plan(cfg: LLMConfig) -> list[tuple[str, tuple[bool, ...], int, int]]:
+  """Scanned stacks of the decoder: [(param name, MoE flag per block of a group, repeats,
+  first layer)]. One `layers` stack when every layer is alike or the MoE pattern repeats with
+  period `moe.every`; else one stack per run of same-kind layers."""
+  kinds, depth = cfg.moe_layers, cfg.depth
+  if len(set(kinds)) == 1:
+    return [('layers', kinds[:1], depth, 0)]
+  p = cfg.moe.every
+  if depth % p == 0 and kinds == kinds[:p] * (depth // p):
+    return [('layers', kinds[:p], depth // p, 0)]
+  plan, i = [], 0
+  while i < depth:
+    j = i
+    while j < depth and kinds[j] == kinds[i]:
+      j += 1
+    plan.append((f'layers_{len(plan)}', (kinds[i],), j - i, i))
+    i = j
+  return plan
 
 
 class Decoder(nn.Module):
@@ -127,12 +187,23 @@ class Decoder(nn.Module):
         c.vocab_size, c.hidden, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                     ('vocab', 'embed')))
-    block = remat(DecoderBlock, self.remat_policy)
-    self.layers = nn.scan(
-        block, variable_axes={'params': 0}, split_rngs={'params': True},
-        in_axes=(nn.broadcast,) * 3 + (0,), length=c.depth,
-        metadata_params={nn.PARTITION_NAME: 'layers'})(
-            c, self.dtype, self.param_dtype, self.attention_impl, self.attention_blocks)
+    self.plan = layer_plan(c)
+    stacks = []
+    for _, kinds, reps, _ in self.plan:
+      if len(kinds) == 1:
+        block = remat(DecoderBlock, self.remat_policy)
+        args = (c, self.dtype, self.param_dtype, self.attention_impl, self.attention_blocks,
+                kinds[0])
+      else:   # remat per block inside the group
+        block = DecoderGroup
+        args = (c, kinds, self.dtype, self.param_dtype, self.attention_impl,
+                self.attention_blocks, self.remat_policy)
+      stacks.append(nn.scan(
+          block, variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast,) * 4 + (0,), length=reps,
+          metadata_params={nn.PARTITION_NAME: 'layers'})(*args))
+    # one stack keeps the name `layers`; several are named layers_0, layers_1, ... by flax
+    self.layers = stacks[0] if len(stacks) == 1 else stacks
     self.norm = L.RMSNorm(c.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     if not c.tie_embeddings:
       self.lm_head = L.Dense(c.vocab_size, ('embed', 'vocab'), dtype=self.dtype,
@@ -158,19 +229,45 @@ class Decoder(nn.Module):
                                self.cfg.rope_scaling.as_dict())
     cos, sin = L.rope_cos_sin(positions, inv_freq)
     x = inputs_embeds.astype(self.dtype)
+    token_mask = attention_mask if self.cfg.moe.num_experts else None
     if cache is None:
       mask = L.make_attention_mask(attention_mask, causal=True, segment_ids=segment_ids,
                                    sliding_window=self.cfg.sliding_window)
-      x, _ = self.layers(x, mask, cos, sin, None)
+      x, _ = self._run_layers(x, mask, cos, sin, token_mask, None)
       return self.norm(x)
     index = cache['index']
     filled = jax.lax.dynamic_update_slice(cache['filled'], attention_mask.astype(bool),
                                           (0, index))                       # [B, L]
     mask = L.make_cache_mask(filled, index, t, self.cfg.sliding_window)   # [B, 1, T, L]
-    depth = self.cfg.depth
-    kv = dict(k=cache['k'], v=cache['v'], index=jnp.full((depth,), index, jnp.int32))
-    x, kv = self.layers(x, mask, cos, sin, kv)
-    return self.norm(x), dict(k=kv['k'], v=kv['v'], filled=filled, index=index + t)
+    x, (k, v) = self._run_layers(x, mask, cos, sin, token_mask, (cache['k'], cache['v'], index))
+    return self.norm(x), dict(k=k, v=v, filled=filled, index=index + t)
+
+  def _run_layers(self, x, mask, cos, sin, token_mask, cache):
+    """Every stack of `layer_plan` in order; cache = (k, v [depth, ...], index) or None.
+    Router statistics of MoE layers are pooled and sown as intermediates 'moe'."""
+    stacks = self.layers if isinstance(self.layers, (list, tuple)) else [self.layers]
+    ks, vs, stats = [], [], None
+    for stack, (_, kinds, reps, first) in zip(stacks, self.plan):
+      kv = None
+      if cache is not None:
+        k, v, index = cache
+        g = len(kinds)
+        lead = (reps,) if g == 1 else (reps, g)
+        sl = lambda a: a[first:first + reps * g].reshape(lead + a.shape[1:])
+        kv = dict(k=sl(k), v=sl(v), index=jnp.full(lead, index, jnp.int32))
+      x, (kv, st) = stack(x, mask, cos, sin, token_mask, kv)
+      if kv is not None:
+        ks.append(kv['k'].reshape((-1,) + kv['k'].shape[-4:]))
+        vs.append(kv['v'].reshape((-1,) + kv['v'].shape[-4:]))
+      if st is not None:
+        st = jax.tree.map(lambda a: a.sum(0), st)
+        stats = st if stats is None else stats + st
+    if stats is not None:
+      self.sow('intermediates', 'moe', stats)
+    if cache is None:
+      return x, None
+    return x, (ks[0] if len(ks) == 1 else jnp.concatenate(ks),
+               vs[0] if len(vs) == 1 else jnp.concatenate(vs))
 
   def init_cache(self, batch: int, length: int):
     """Empty KV cache: k, v [depth, B, Hkv, L, D] (compute dtype), filled [B, L], index 0."""

@@ -28,6 +28,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import sharding as shd
+from mllm_jax.models import moe
 from mllm_jax.train.optim import merge_params, split_params
 from mllm_jax.train.steps import TrainState, guarded_update
 
@@ -73,13 +74,16 @@ def concat_sides(batch):
   return out
 
 
-def completion_logps(model, params, inputs):
-  """Summed log-probs of the loss-masked tokens, their count, and the number of top-1 hits,
-  each [N] (fp32)."""
+def completion_logps(model, params, inputs, router_terms: bool = False):
+  """Summed log-probs of the loss-masked tokens and their count, each [N] (fp32); with
+  `router_terms`, also the MoE router loss terms (`moe.loss_terms`, {} when dense)."""
   kw = {k: inputs[k] for k in ('input_ids', 'attention_mask', 'pixel_values') if k in inputs}
-  logits = model.apply({'params': params}, **kw)[:, :-1].astype(jnp.float32)
+  logits, stats = moe.apply_with_router_stats(model, {'params': params}, **kw)
+  logits = logits[:, :-1].astype(jnp.float32)
   targets, mask = inputs['input_ids'][:, 1:], inputs['loss_mask'][:, 1:].astype(jnp.float32)
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, -1), targets[..., None], -1)[..., 0]
+  if router_terms:
+    return (logp * mask).sum(-1), mask.sum(-1), moe.loss_terms(model, stats)
   return (logp * mask).sum(-1), mask.sum(-1)
 
 
@@ -105,6 +109,7 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
     trainable, frozen = split_params(state.params, mask)
     n_pairs = batch['chosen_input_ids'].shape[0] * batch['chosen_input_ids'].shape[1]
     n_sft = jnp.maximum(batch['chosen_loss_mask'][:, :, 1:].sum(), 1.0)
+    accum = batch['chosen_input_ids'].shape[0]
 
     def micro(grads, mb):
       inputs = concat_sides(mb)
@@ -115,16 +120,18 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
         ref_c, ref_r = mb['ref_chosen_logps'], mb['ref_rejected_logps']
 
       def loss_fn(tp):
-        logps, counts = completion_logps(model, merge_params(tp, frozen), inputs)
+        logps, counts, router = completion_logps(model, merge_params(tp, frozen), inputs,
+                                                 router_terms=True)
         (pc, pr), (nc, nr) = _split(logps), _split(counts)
         losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type,
                                   label_smoothing=label_smoothing, chosen_lengths=nc,
                                   rejected_lengths=nr)
         total = alpha * losses.sum() / n_pairs + gamma * (-pc.sum()) / n_sft
+        total = total + router.pop('moe_loss', 0.0) / accum   # MoE load balancing / z-loss
         return total, dict(dpo_loss=losses.sum(), sft_loss=-pc.sum(), chosen_rewards=rc.sum(),
                            rejected_rewards=rr.sum(), accuracies=(rc > rr).sum(),
                            margins=(rc - rr).sum(), chosen_logps=pc.sum(),
-                           rejected_logps=pr.sum())
+                           rejected_logps=pr.sum(), **router)
 
       (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
       aux['loss'] = loss
@@ -142,6 +149,7 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
                     'rewards/accuracies': out['accuracies'] / n_pairs,
                     'logps/chosen': out['chosen_logps'] / n_pairs,
                     'logps/rejected': out['rejected_logps'] / n_pairs})
+    metrics.update({k: v / accum for k, v in out.items() if k.startswith('moe/')})
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
     return new, metrics

@@ -17,6 +17,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mllm_jax import sharding as shd
+from mllm_jax.models import moe
 from mllm_jax.train import losses
 from mllm_jax.train.optim import merge_params, split_params, trainable_mask
 
@@ -93,19 +94,23 @@ class StateFactory:
 
 
 def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0):
-  """Summed next-token loss of `batch` (dict(loss_sum, tokens, correct)).
+  """Summed next-token loss of `batch` (dict(loss_sum, tokens, correct)); MoE models add the
+  router terms of `moe.loss_terms` (moe_loss, moe/aux_loss, moe/z_loss, moe/dropped_fraction).
 
   `logits_chunk` > 0 projects to the vocabulary only in slices of the loss positions
   (`losses.chunked_next_token_loss`); 0 materialises the full [B, T, V] logits.
   """
   variables = {'params': params}
   if not logits_chunk:
-    logits = model.apply(variables, **model_inputs(batch))
-    return losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
-  hidden = model.apply(variables, **model_inputs(batch), method='hidden_states')
-  return losses.chunked_next_token_loss(
+    logits, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch))
+    out = losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
+    return {**out, **moe.loss_terms(model, stats)}
+  hidden, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch),
+                                              method='hidden_states')
+  out = losses.chunked_next_token_loss(
       hidden, lambda h: model.apply(variables, h, method='logits'), batch['input_ids'],
       batch['loss_mask'], logits_chunk)
+  return {**out, **moe.loss_terms(model, stats)}
 
 
 def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
@@ -134,15 +139,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
   def train_step(state: TrainState, batch):
     trainable, frozen = split_params(state.params, mask)
     n_tokens = jnp.maximum(batch['loss_mask'][:, :, 1:].sum(), 1.0)
+    accum = batch['input_ids'].shape[0]
 
     def micro_step(grads, mb):
       def loss_fn(tp):
         out = sequence_loss(model, merge_params(tp, frozen), mb, logits_chunk)
-        return out['loss_sum'] / n_tokens, out
+        # MoE router losses: per micro-batch, averaged over the accumulation steps
+        return out['loss_sum'] / n_tokens + out.get('moe_loss', 0.0) / accum, out
       (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
       return jax.tree.map(jnp.add, grads, g), out
 
-    accum = batch['input_ids'].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, trainable)
     if accum == 1:
       grads, out = micro_step(zeros, jax.tree.map(lambda x: x[0], batch))
@@ -152,6 +158,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
     loss = out['loss_sum'] / n_tokens
     new, metrics = guarded_update(state, trainable, frozen, grads, loss, tx)
     metrics.update(loss=loss, token_accuracy=out['correct'] / n_tokens, loss_tokens=out['tokens'])
+    metrics.update({k: v / accum for k, v in out.items() if k.startswith('moe/')})
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
     return new, metrics
