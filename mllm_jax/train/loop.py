@@ -276,6 +276,15 @@ def evaluate_preferences(config, factory, params, task, mesh, rules) -> dict:
   return {**evaluate(config, factory, params, vqa, mesh, rules), **accuracy}
 
 
+def skip_counts(task) -> dict:
+  """{reason: samples dropped so far}: bad records under data.bad_input='skip' (file data),
+  pairs whose chosen equals their rejected (built-in preference pairs)."""
+  skipped = getattr(task, 'skipped', None)
+  if callable(skipped):
+    return skipped()
+  return {'identical_pairs': skipped} if isinstance(skipped, int) else {}
+
+
 def _is_preference(task) -> bool:
   return (isinstance(task, preference.PreferenceTask) or
           getattr(getattr(task, 'cfg', None), 'kind', None) == 'preference')
@@ -505,8 +514,7 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
         dt = time.time() - t0
         m['tokens_per_s'] = tokens / dt if dt > 0 else 0.0
         m['skipped_steps'], monitor.since_log = monitor.since_log, 0
-        if hasattr(train_task, 'skipped'):   # bad samples dropped under data.bad_input='skip'
-          m.update({f'data/skipped_{k}': v for k, v in train_task.skipped().items()})
+        m.update({f'data/skipped_{k}': v for k, v in skip_counts(train_task).items()})
         m['stage'] = name
         writer.write(offset + done, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
@@ -539,7 +547,7 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   if sc.task == 'vqa':
     chance = f" (a model blind to the image: ~{synthetic.chance_accuracy(seed=config.seed)['all']:.2f})"
   print(f'Stage {name!r} held-out: {msg}{chance}')
-  skipped = train_task.skipped() if hasattr(train_task, 'skipped') else {}
+  skipped = skip_counts(train_task)
   if any(skipped.values()):
     print(f'Stage {name!r} skipped bad training samples (config.data.bad_input=skip): ' +
           ', '.join(f'{k} {v}' for k, v in sorted(skipped.items()) if v))
