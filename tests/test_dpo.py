@@ -95,6 +95,7 @@ def test_concatenated_forward_equals_separate_forwards(setup):
     np.testing.assert_array_equal(counts[4 * i:4 * (i + 1)], b[f'{side}_loss_mask'][:, 1:].sum(1))
 
 
+@pytest.mark.slow
 def test_precomputed_reference_equals_in_step_reference_and_accumulation(setup):
   model, task = setup
   m_model, p_model = _run(model, task, mesh1(), 'model')
@@ -108,6 +109,7 @@ def test_precomputed_reference_equals_in_step_reference_and_accumulation(setup):
   assert m_model['rewards/chosen'] != 0 and 0 <= m_model['rewards/accuracies'] <= 1
 
 
+@pytest.mark.slow
 def test_same_dpo_step_on_1_and_8_devices(setup):
   model, task = setup
   m1, p1 = _run(model, task, mesh1())

@@ -272,6 +272,7 @@ def mesh1():
   return shd.make_mesh({'fsdp': 1}, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_same_step_on_1_and_8_devices():
   batch = make_batch()
   f1, s1, tx, mask = setup(mesh1(), tx=optax.sgd(1.0))

@@ -133,9 +133,10 @@ class PairsTask(preference.PreferenceTask):
   def __len__(self):
     return len(self.records)
 
-  def pair(self, index: int):
+  def pair(self, index: int, with_image: bool = True):
     r = self.records[index % len(self.records)]
-    s = prompt_sample(r['sample'], r['split'], self.seed, self.image_size)
+    s = prompt_sample(r['sample'], r['split'], self.seed,
+                      self.image_size if with_image else None)
     if r['prompt'] != s.messages[0]['content']:
       raise ValueError(f"pair {r['id']}: its prompt {r['prompt']!r} is not the question of "
                        f"{r['split']} sample {r['sample']} ({s.messages[0]['content']!r})")
