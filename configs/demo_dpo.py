@@ -10,19 +10,15 @@ policy ranks right) before and after, and the VQA accuracy, which must not drop.
 A workdir that already finished `pretrain,sft` with configs/demo.py can be continued by
 copying it: the stage names and their order are the same.
 """
-from mllm_jax.config import finalize, stage_config
+from mllm_jax.config import finalize, load_config, stage_config
 
-import importlib.util
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    'mllm_jax_config_demo', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py'))
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
 
 
 def get_config():
-  c = _demo.get_config()
+  c = load_config(_DEMO)
   c.unlock()
   c.train.stages = 'pretrain,sft,dpo'
   c.dpo = stage_config(task='dpo', trainable='(connector|llm)/.*', steps=300, batch_size=32,

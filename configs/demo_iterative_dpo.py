@@ -10,20 +10,16 @@ with the worst, and train DPO on the pairs with the round's starting policy as r
 Each round prints the held-out preference accuracy and VQA accuracy; see
 mllm_jax/train/iterative_dpo.py for the files it writes.
 """
-from mllm_jax.config import finalize, stage_config
+from mllm_jax.config import finalize, load_config, stage_config
 
-import importlib.util
 import ml_collections
 import os
 
-_spec = importlib.util.spec_from_file_location(
-    'mllm_jax_config_demo', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py'))
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
 
 
 def get_config():
-  c = _demo.get_config()
+  c = load_config(_DEMO)
   c.unlock()
   c.iterative = ml_collections.ConfigDict(dict(
       rounds=3,

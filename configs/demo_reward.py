@@ -9,21 +9,17 @@ Bradley-Terry loss on right-vs-wrong answers (mllm_jax/data/preference.py) and r
 held-out pairwise accuracy before and after. The model is saved in DIR/reward/model
 (`mllm_jax.train.reward.load_reward`; `save_reward_hf` exports it for transformers).
 """
-from mllm_jax.config import finalize, stage_config
+from mllm_jax.config import finalize, load_config, stage_config
 
-import importlib.util
 import os
 
 from mllm_jax.train.reward import DEFAULT_TRAINABLE
 
-_spec = importlib.util.spec_from_file_location(
-    'mllm_jax_config_demo', os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py'))
-_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_demo)
+_DEMO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'demo.py')
 
 
 def get_config():
-  c = _demo.get_config()
+  c = load_config(_DEMO)
   c.unlock()
   c.reward = stage_config(task='reward', trainable=DEFAULT_TRAINABLE, steps=200, batch_size=32,
                           lr=3e-4, warmup_ratio=0.05, weight_decay=0.0)
