@@ -27,20 +27,32 @@ def parse_flags(argv):
     sys.exit(f'Unknown config key: {msg} (in {" ".join(bad)})')
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for name in ('absl', 'jax', 'orbax'):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  from mllm_jax.checkpoint import CheckpointError
-  from mllm_jax.train import loop   # after flag parsing: keeps --help fast
-  try:
-    loop.run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except loop.Interrupted as e:   # checkpoint saved: exit 128 + signal, as a killed job would
-    print(e, flush=True)
-    sys.exit(e.exit_code)
-  except (CheckpointError, loop.NonFiniteError) as e:
-    sys.exit(f'{type(e).__name__}: {e}')
+def job_main(job):
+  """absl `main` running `job(config, workdir)` (the training job, or another entry point that
+  takes the same flags) with quiet library logs and the exits described above."""
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    for name in ('absl', 'jax', 'orbax'):
+      logging.getLogger(name).setLevel(logging.WARNING)
+    from mllm_jax.checkpoint import CheckpointError
+    from mllm_jax.train import loop   # after flag parsing: keeps --help fast
+    try:
+      job(flags.FLAGS.config, flags.FLAGS.workdir)
+    except loop.Interrupted as e:   # checkpoint saved: exit 128 + signal, as a killed job would
+      print(e, flush=True)
+      sys.exit(e.exit_code)
+    except (CheckpointError, loop.NonFiniteError) as e:
+      sys.exit(f'{type(e).__name__}: {e}')
+  return main
+
+
+def _train(config, workdir):
+  from mllm_jax.train import loop
+  loop.run(config, workdir)
+
+
+main = job_main(_train)
 
 
 if __name__ == '__main__':

@@ -445,18 +445,7 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   return history
 
 
-def main(argv):
-  """`python -m mllm_jax.train.iterative_dpo --config FILE --workdir DIR [--config.a.b=v]`."""
-  import logging
-  from absl import app, flags
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for name in ('absl', 'jax', 'orbax'):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == '__main__':
   from absl import app
-  from mllm_jax.train.__main__ import parse_flags   # defines --config / --workdir
-  app.run(main, flags_parser=parse_flags)
+  from mllm_jax.train.__main__ import job_main, parse_flags   # defines --config / --workdir
+  app.run(job_main(run), flags_parser=parse_flags)

@@ -442,18 +442,7 @@ def train_reward(config, workdir: str) -> dict:
     ckpt.close()
 
 
-def main(argv):
-  """`python -m mllm_jax.train.reward --config FILE --workdir DIR [--config.a.b=v ...]`."""
-  import logging
-  from absl import app, flags
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  for name in ('absl', 'jax', 'orbax'):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  train_reward(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
 if __name__ == '__main__':
   from absl import app
-  from mllm_jax.train.__main__ import parse_flags   # defines --config / --workdir
-  app.run(main, flags_parser=parse_flags)
+  from mllm_jax.train.__main__ import job_main, parse_flags   # defines --config / --workdir
+  app.run(job_main(train_reward), flags_parser=parse_flags)
