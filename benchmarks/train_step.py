@@ -58,6 +58,8 @@ def parse_args(argv=None):
                  help='config.model.attention_blocks of the JAX model (causal query blocks)')
   p.add_argument('--logits-chunk', type=int, default=0,
                  help='config.train.logits_chunk of the JAX step (0 = full logits)')
+  p.add_argument('--logits-width', type=int, default=0,
+                 help='config.train.logits_width of the JAX step (0 = every position)')
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.warmup, args.matmul_size = 3, 1, 2048
@@ -112,7 +114,7 @@ class MatmulPeak:
 class JaxRunner:
   """The mllm_jax train step on the bench model; `step()` runs one step and blocks."""
 
-  def __init__(self, batch_np, attention_blocks=1, logits_chunk=0):
+  def __init__(self, batch_np, attention_blocks=1, logits_chunk=0, logits_width=0):
     import flax.linen as nn
     import jax
     import ml_collections
@@ -135,7 +137,8 @@ class JaxRunner:
     mask = factory.mask('.*', 'trainable')
     self.state = factory.create_state(params, tx, mask)
     del params
-    step_fn = steps_lib.make_train_step(model, tx, mask, logits_chunk=logits_chunk)
+    step_fn = steps_lib.make_train_step(model, tx, mask, logits_chunk=logits_chunk,
+                                         logits_width=logits_width)
     batch = {k: v[None] for k, v in batch_np.items()}   # grad-accumulation axis of size 1
     jstep = steps_lib.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh,
                                      {k: v.ndim - 1 for k, v in batch.items()})
@@ -253,7 +256,7 @@ def main(argv=None):
   peak_meter.sample(repeats=5)
 
   batch = common.make_batch()
-  jr = JaxRunner(batch, args.attention_blocks, args.logits_chunk)
+  jr = JaxRunner(batch, args.attention_blocks, args.logits_chunk, args.logits_width)
   jr.step()   # first call (allocations, one-off work)
   runners = [('jax', jr)]
   if not args.no_torch:

@@ -60,6 +60,31 @@ def chunked_next_token_loss(hidden, logits_fn, input_ids, loss_mask, chunk: int)
   return out
 
 
+def compact_next_token_loss(hidden, logits_fn, input_ids, loss_mask, width: int):
+  """`next_token_loss(logits_fn(hidden), ...)` with the head run only at `width` positions a row.
+
+  hidden [B, T, E] (final-normed); logits_fn [B, W, E] -> [B, W, V]. Each row's predicting
+  positions are stably reordered so its loss positions come first, and only the first `width`
+  of them go through the vocabulary projection: in LLaVA-style data most positions (image
+  tokens, prompts) carry no loss, and the head + softmax over a 32k vocabulary is the largest
+  single cost of a small model's step. Exact when no row has more than `width` loss positions;
+  the caller checks that (`row_loss_tokens`) and uses another path for batches that do.
+  """
+  b, t, _ = hidden.shape
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  width = min(width, t - 1)
+  order = jnp.argsort(mask <= 0, axis=1, stable=True)[:, :width]           # [B, W]
+  take = lambda x: jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), 1)
+  return _ce_sums(logits_fn(take(hidden[:, :-1])), take(input_ids[:, 1:]), take(mask))
+
+
+def row_loss_tokens(loss_mask) -> int:
+  """The most loss positions any row of a host batch has (loss_mask [..., T] numpy)."""
+  import numpy as np
+  m = np.asarray(loss_mask)
+  return int((m[..., 1:] > 0).sum(-1).max()) if m.size else 0
+
+
 def answer_accuracy(logits, input_ids, turn_ids, max_turns: int = 16):
   """Exact-match answers under teacher forcing (= what greedy decoding would produce).
 

@@ -93,7 +93,7 @@ class StateFactory:
                         shapes, shardings)
 
 
-def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0):
+def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0, logits_width: int = 0):
   """Summed next-token loss of `batch` (dict(loss_sum, tokens, correct)); MoE models add the
   router terms of `moe.loss_terms` (moe_loss, moe/aux_loss, moe/z_loss, moe/dropped_fraction).
 
@@ -101,6 +101,13 @@ def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0):
   (`losses.chunked_next_token_loss`); 0 materialises the full [B, T, V] logits.
   """
   variables = {'params': params}
+  if logits_width:
+    hidden, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch),
+                                                method='hidden_states')
+    out = losses.compact_next_token_loss(
+        hidden, lambda h: model.apply(variables, h, method='logits'), batch['input_ids'],
+        batch['loss_mask'], logits_width)
+    return {**out, **moe.loss_terms(model, stats)}
   if not logits_chunk:
     logits, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch))
     out = losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
@@ -129,7 +136,8 @@ def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict,
-                    schedule: Callable | None = None, logits_chunk: int = 0):
+                    schedule: Callable | None = None, logits_chunk: int = 0,
+                    logits_width: int = 0):
   """Returns train_step(state, batch) -> (state, metrics); batch leaves are [accum, b, ...].
 
   A step whose loss or gradients are not finite leaves params and optimizer state unchanged
@@ -143,7 +151,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
 
     def micro_step(grads, mb):
       def loss_fn(tp):
-        out = sequence_loss(model, merge_params(tp, frozen), mb, logits_chunk)
+        out = sequence_loss(model, merge_params(tp, frozen), mb, logits_chunk, logits_width)
         # MoE router losses: per micro-batch, averaged over the accumulation steps
         return out['loss_sum'] / n_tokens + out.get('moe_loss', 0.0) / accum, out
       (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
