@@ -42,7 +42,13 @@ def main(argv=None):
   p.add_argument('--quick', action='store_true')
   p.add_argument('--scan-too', action='store_true',
                  help="also time layer_loop='scan' (the TPU/GPU default) in the same run")
+  p.add_argument('--no-hugepages', action='store_true',
+                 help='keep the environment (default: re-exec with glibc.malloc.hugetlb=1, as the '
+                      'training CLI does; mllm_jax/hostmem.py)')
   args = p.parse_args(argv)
+  if not args.no_hugepages:
+    from mllm_jax import hostmem
+    hostmem.reexec_with_huge_pages()
   if args.quick:
     args.new_tokens, args.repeats = 16, 1
 

@@ -57,7 +57,13 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument('--quick', action='store_true')
   ap.add_argument('--steps', type=int, default=0)
+  ap.add_argument('--no-hugepages', action='store_true',
+                 help='keep the environment (default: re-exec with glibc.malloc.hugetlb=1, as the '
+                      'training CLI does; mllm_jax/hostmem.py)')
   args = ap.parse_args()
+  if not args.no_hugepages:
+    from mllm_jax import hostmem
+    hostmem.reexec_with_huge_pages()
   steps = args.steps or (4 if args.quick else 12)
   x = jax.random.normal(jax.random.key(1), (B, T, H), jnp.float32)
   runs = {}

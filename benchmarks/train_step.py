@@ -29,7 +29,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb=1'
+from mllm_jax.hostmem import TUNABLE as HUGEPAGE_TUNABLE  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,12 +70,9 @@ def parse_args(argv=None):
 
 def maybe_reexec_with_hugepages(args):
   """glibc reads tunables at start-up, so setting them means starting again (once)."""
-  tun = os.environ.get('GLIBC_TUNABLES', '')
-  if args.no_hugepages or 'glibc.malloc.hugetlb' in tun or not sys.platform.startswith('linux'):
-    return
-  env = dict(os.environ, GLIBC_TUNABLES=':'.join(t for t in (tun, HUGEPAGE_TUNABLE) if t))
-  sys.stdout.flush()
-  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  if not args.no_hugepages:
+    from mllm_jax import hostmem
+    hostmem.reexec_with_huge_pages()
 
 
 class MatmulPeak:

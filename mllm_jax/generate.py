@@ -385,4 +385,6 @@ class _CallableModule(types.ModuleType):
 sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == '__main__':
+  from mllm_jax import hostmem
+  hostmem.reexec_with_huge_pages()
   main()

@@ -163,7 +163,10 @@ def reference(x, experts, weights, gate, up, down, keep=None):
   return out
 
 
-@pytest.mark.parametrize('impl,block', [('ragged_dot', 0), ('blocks', 8), ('blocks', 128)])
+# block 4: experts span several blocks, so grouped_matmul's CHUNK-block runs and single
+# blocks both occur; block 128: one partly used block per expert
+@pytest.mark.parametrize('impl,block', [('ragged_dot', 0), ('blocks', 4), ('blocks', 8),
+                                        ('blocks', 128)])
 def test_dropless_equals_per_expert_loop(impl, block):
   args = expert_setup()
   kw = dict(block=block) if block else {}

@@ -22,6 +22,7 @@ ST-MoE router z-loss.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ from mllm_jax.models import layers as L
 from mllm_jax.models.config import MoEConfig
 
 BLOCK = 128   # rows per block of the `blocks` grouped matmul
+CHUNK = 2     # blocks per matmul where an expert has that many left (measured: 2-4 best)
 
 
 class RouterStats(NamedTuple):
@@ -80,42 +82,90 @@ def _ranks(experts, num_experts: int):
   return position - starts[experts], sizes[:num_experts], order
 
 
-def _block_matmul_fwd_core(xb, w, block_expert, active):
-  def one(_, inp):
-    xj, ej, on = inp
-    zeros = jnp.zeros(xj.shape[:1] + w.shape[2:], xj.dtype)
-    return None, jax.lax.cond(on, lambda: jnp.dot(xj, w[ej]), lambda: zeros)
-  return jax.lax.scan(one, None, (xb, block_expert, active))[1]
+def _each_expert_run(first, count, chunk: int, body, carry):
+  """carry = body(e, j, n, carry) over every expert e's blocks first[e] .. first[e]+count[e]-1,
+  in runs of n = `chunk` blocks while they last, then single blocks (n = 1). Loops, not a scan:
+  the runs write into one carried buffer in place, each expert's weights are read once per
+  expert rather than once per block, and blocks past the used ones cost nothing."""
+  def expert(e, carry):
+    s, c = first[e], count[e]
+    runs = c // chunk
+    carry = jax.lax.fori_loop(0, runs, lambda q, cr: body(e, s + q * chunk, chunk, cr), carry)
+    return jax.lax.fori_loop(s + runs * chunk, s + c, lambda j, cr: body(e, j, 1, cr), carry)
+  return jax.lax.fori_loop(0, first.shape[0], expert, carry)
 
 
-@jax.custom_vjp
-def _block_matmul(xb, w, block_expert, active):
-  """xb [nb, b, K] x w [E, K, M] -> [nb, b, M], block j times w[block_expert[j]] (zeros where
-  not `active`). A scan over blocks; the backward accumulates each block's weight gradient
-  into its expert's slice in place (autodiff of `w[e]` inside a scan would add a full-size
-  [E, K, M] zero-padded gradient per block)."""
-  return _block_matmul_fwd_core(xb, w, block_expert, active)
+def _rows(a, block_index, n_blocks: int, block: int):
+  return jax.lax.dynamic_slice_in_dim(a, block_index * block, n_blocks * block, 0)
 
 
-def _block_matmul_fwd(xb, w, block_expert, active):
-  return _block_matmul_fwd_core(xb, w, block_expert, active), (xb, w, block_expert, active)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def grouped_matmul(x, w, first, count, block: int, chunk: int):
+  """x [R, K] (R = nb * block rows, expert e's rows in blocks first[e] .. first[e]+count[e]-1)
+  times w [E, K, M] -> [R, M]; rows of unused blocks are zeros.
+
+  The backward writes dx block by block and accumulates each expert's weight gradient in a
+  [K, M] carry over its blocks (autodiff of `w[e]` inside a loop would add a full [E, K, M]
+  zero-padded gradient per block)."""
+  return _grouped_matmul_fwd(x, w, first, count, block, chunk)[0]
 
 
-def _block_matmul_bwd(res, dy):
-  xb, w, block_expert, active = res
+def _grouped_matmul_fwd(x, w, first, count, block, chunk):
+  def body(e, j, n, out):
+    return jax.lax.dynamic_update_slice_in_dim(out, _rows(x, j, n, block) @ w[e], j * block, 0)
+  out = _each_expert_run(first, count, chunk, body,
+                         jnp.zeros((x.shape[0], w.shape[2]), x.dtype))
+  return out, (x, w, first, count)
 
-  def one(dw, inp):
-    xj, dyj, ej, on = inp
-    dx, dwj = jax.lax.cond(
-        on, lambda: (jnp.dot(dyj, w[ej].T), jnp.dot(xj.T, dyj).astype(dw.dtype)),
-        lambda: (jnp.zeros_like(xj), jnp.zeros(w.shape[1:], dw.dtype)))
-    # the carry is updated outside the cond, so XLA updates it in place
-    return dw.at[ej].add(dwj), dx
-  dw, dx = jax.lax.scan(one, jnp.zeros_like(w), (xb, dy, block_expert, active))
+
+def _grouped_matmul_bwd(block, chunk, res, dy):
+  x, w, first, count = res
+  contract_out = (((1,), (1,)), ((), ()))   # dy [r, M] . w_e [K, M] over M, no transposed copy
+
+  def expert(e, carry):
+    dx, dw = carry
+    we = w[e]
+
+    def body(j, n, cr):
+      dx, dwe = cr
+      dyj = _rows(dy, j, n, block)
+      dxj = jax.lax.dot_general(dyj, we, contract_out).astype(dx.dtype)
+      dx = jax.lax.dynamic_update_slice_in_dim(dx, dxj, j * block, 0)
+      return dx, dwe + jax.lax.dot_general(_rows(x, j, n, block), dyj,
+                                           (((0,), (0,)), ((), ()))).astype(dwe.dtype)
+    s, c = first[e], count[e]
+    runs = c // chunk
+    cr = (dx, jnp.zeros(w.shape[1:], w.dtype))
+    cr = jax.lax.fori_loop(0, runs, lambda q, cr: body(s + q * chunk, chunk, cr), cr)
+    dx, dwe = jax.lax.fori_loop(s + runs * chunk, s + c, lambda j, cr: body(j, 1, cr), cr)
+    return dx, jax.lax.dynamic_update_index_in_dim(dw, dwe, e, 0)
+
+  dx, dw = jax.lax.fori_loop(0, w.shape[0], expert, (jnp.zeros_like(x), jnp.zeros_like(w)))
   return dx, dw, None, None
 
 
-_block_matmul.defvjp(_block_matmul_fwd, _block_matmul_bwd)
+grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)
+
+
+@jax.custom_vjp
+def take_rows(a, index, inverse):
+  """a [N, H] rows at index [R] (index N or more: a zero row) -> [R, H].
+
+  `inverse` [N, k] lists, for each row n of `a`, the positions r with index[r] == n (an entry
+  >= R where there are fewer): the backward is then the gather-and-sum grad[inverse].sum(1)
+  instead of autodiff's scatter-add, which XLA:CPU runs serially."""
+  return jnp.take(a, index, axis=0, mode='fill', fill_value=0)
+
+
+def _take_rows_fwd(a, index, inverse):
+  return take_rows(a, index, inverse), inverse
+
+
+def _take_rows_bwd(inverse, g):
+  return jnp.take(g, inverse, axis=0, mode='fill', fill_value=0).sum(1), None, None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
@@ -125,9 +175,11 @@ def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
 
   impl 'ragged_dot': the assignments sorted by expert, `jax.lax.ragged_dot` with group sizes.
   impl 'blocks': each expert's assignments start at a block boundary of a [nb * block, H]
-  buffer (nb = static bound N*k/block + E); a scan multiplies each block by its expert's
-  weights and skips the unused tail blocks. XLA:CPU lowers ragged_dot to ~E dense matmuls over
-  all rows; this costs the real rows plus at most E blocks of padding (BENCHMARKS.md).
+  buffer (nb = static bound N*k/block + E); `grouped_matmul` loops over experts and multiplies
+  their blocks (CHUNK at a time) by the expert's weights, skipping the unused tail blocks; the
+  row permutations in and out are gathers both ways (`take_rows`). XLA:CPU lowers ragged_dot
+  to ~E dense matmuls over all rows; this costs the real rows plus at most E blocks of padding
+  (BENCHMARKS.md).
   'auto' = ragged_dot on accelerators, blocks on CPU.
   """
   n, k = experts.shape
@@ -138,29 +190,26 @@ def dropless(x, experts, weights, gate, up, down, act: str, impl: str = 'auto',
   flat = experts.reshape(-1)                                       # [A] token-major
   tok = jnp.arange(n * k, dtype=jnp.int32) // k
   rank, sizes, order = _ranks(flat, e)
-  x_ext = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])        # row N: zeros
   if impl == 'ragged_dot':
+    x_ext = jnp.concatenate([x, jnp.zeros((1, h), x.dtype)])      # row N: zeros
     xs = x_ext[jnp.where(flat[order] < e, tok[order], n)]          # [A, H] sorted by expert
     hid = fn(jax.lax.ragged_dot(xs, gate, sizes)) * jax.lax.ragged_dot(xs, up, sizes)
     ys = jax.lax.ragged_dot(hid, down, sizes)
     position = jnp.zeros_like(order).at[order].set(jnp.arange(n * k, dtype=order.dtype))
     y = ys[position]                                               # [A, H] token-major
   elif impl == 'blocks':
-    nb = -(-n * k // block) + e
+    nb = -(-n * k // block) + e                                    # static bound on blocks
     blocks_per = -(-sizes // block)                                # [E]
     first_block = jnp.cumsum(blocks_per) - blocks_per
-    used = blocks_per.sum()
-    real = flat < e
-    dest = jnp.where(real, first_block[jnp.minimum(flat, e - 1)] * block + rank, nb * block)
-    src = jnp.full((nb * block + 1,), n, jnp.int32).at[dest].set(tok)[:-1]
-    xb = x_ext[src].reshape(nb, block, h)
-    block_expert = jnp.clip(
-        jnp.searchsorted(jnp.cumsum(blocks_per), jnp.arange(nb), side='right'), 0, e - 1)
-
-    active = jnp.arange(nb) < used
-    bm = lambda a, w: _block_matmul(a, w, block_expert, active)
-    yb = bm(fn(bm(xb, gate)) * bm(xb, up), down)                   # [nb, block, H]
-    y = jnp.concatenate([yb.reshape(nb * block, h), jnp.zeros((1, h), yb.dtype)])[dest]
+    rows = nb * block
+    dest = jnp.where(flat < e, first_block[jnp.minimum(flat, e - 1)] * block + rank, rows)
+    src = jnp.full((rows + 1,), n, jnp.int32).at[dest].set(tok)[:-1]   # [R] token of each row
+    owner = jnp.full((rows + 1,), n * k, jnp.int32).at[dest].set(
+        jnp.arange(n * k, dtype=jnp.int32))[:-1]                    # [R] assignment of each row
+    xb = take_rows(x, src, dest.reshape(n, k))                     # [R, H]
+    gmm = lambda a, w: grouped_matmul(a, w, first_block, blocks_per, block, CHUNK)
+    yb = gmm(fn(gmm(xb, gate)) * gmm(xb, up), down)                # [R, H]
+    y = take_rows(yb, dest, owner[:, None])                        # [A, H] token-major
   else:
     raise ValueError(f"config.model.llm.moe.dropless_impl={impl!r}: expected 'auto', "
                      "'ragged_dot' or 'blocks'")

@@ -56,4 +56,6 @@ main = job_main(_train)
 
 
 if __name__ == '__main__':
+  from mllm_jax import hostmem
+  hostmem.reexec_with_huge_pages()
   app.run(main, flags_parser=parse_flags)

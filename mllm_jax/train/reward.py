@@ -443,6 +443,8 @@ def train_reward(config, workdir: str) -> dict:
 
 
 if __name__ == '__main__':
+  from mllm_jax import hostmem
+  hostmem.reexec_with_huge_pages()
   from absl import app
   from mllm_jax.train.__main__ import job_main, parse_flags   # defines --config / --workdir
   app.run(job_main(train_reward), flags_parser=parse_flags)
