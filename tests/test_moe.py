@@ -86,6 +86,41 @@ def test_moe_decoder_matches_transformers_and_export_round_trips(name, tmp_path)
     assert_close(back(**torch_inputs(inputs)).logits.numpy(), ref, inputs['attention_mask'])
 
 
+def test_llm_hf_path_loads_an_moe_decoder_and_checks_its_moe_architecture(tmp_path):
+  """config.model.llm.hf_path with a Qwen2-MoE checkpoint: the MLLM's decoder equals load_hf's;
+  a differing MoE field (norm_topk_prob) is named; how the experts run (impl) may differ."""
+  from mllm_jax.hf import pretrained
+  from mllm_jax.train import steps
+  torch.manual_seed(0)
+  randomize(transformers.Qwen2MoeForCausalLM(MOE_DECODERS['qwen2_moe']())).save_pretrained(
+      tmp_path / 'hf')
+  path = str(tmp_path / 'hf')
+  llm = dict(hf_path=path, moe=dict(impl='capacity', capacity_factor=4.0))
+  for key, v in pretrained.config_overrides(path, 'llm').items():
+    *parents, leaf = key.split('.')[2:]
+    d = llm
+    for p in parents:
+      d = d.setdefault(p, {})
+    d.setdefault(leaf, v)
+
+  def init(llm_cfg):
+    cfg = MLLMConfig.from_dict(dict(llm=llm_cfg, vision=None, image_token_id=95))
+    factory = steps.StateFactory(MLLM(cfg), shd.make_mesh({'fsdp': -1}),
+                                 shd.logical_rules('fsdp'))
+    factory.init_params = lambda rng: jax.tree.map(   # a constant init compiles in no time
+        lambda s: jnp.zeros(s.shape, s.dtype, device=s.sharding), factory.abstract_params)
+    return pretrained.init_params(factory, jax.random.key(0))
+
+  ours = init(llm)['llm']
+  ref = mllm_jax.load_hf(path)[1]['llm']
+  jax.tree.map(np.testing.assert_array_equal, ours, ref)
+  assert 'gate_proj' in str(jax.tree_util.tree_structure(ours))
+  bad = dict(llm, moe=dict(llm['moe'], norm_topk_prob=True))
+  with pytest.raises(ValueError, match=r'config.model.llm.moe.norm_topk_prob=True, '
+                                       r'checkpoint: False'):
+    init(bad)
+
+
 def test_fused_in_memory_experts_load_like_the_files(tmp_path):
   """transformers >= 5 holds experts fused in memory ([E, 2I, H]); its files hold one tensor per
   expert. Both give the same params."""

@@ -6,7 +6,8 @@
                                  - or a Hugging Face directory of the whole model (LLaVA, LLM);
   config.model.vision.hf_path  the vision tower, from CLIPVisionModel / SiglipVisionModel /
                                CLIPModel / SiglipModel (vision half) checkpoints;
-  config.model.llm.hf_path     the decoder, from Llama / Mistral / Qwen2 checkpoints; a larger
+  config.model.llm.hf_path     the decoder, from Llama / Mistral / Qwen2 / Qwen3 and MoE
+                               (Mixtral, Qwen2-MoE, Qwen3-MoE) checkpoints; a larger
                                configured vocabulary (a tokenizer with added tokens such as
                                `<image>`) starts its new rows at the mean embedding, as LLaVA does.
 Whatever is not loaded (e.g. the connector) keeps its fresh random init. The configured
@@ -29,7 +30,9 @@ from mllm_jax.hf.safetensors_io import Checkpoint, CheckpointError
 from mllm_jax.models import LLMConfig, MLLMConfig, VisionConfig
 
 MODEL_JSON = 'mllm_jax_model.json'   # next to `params/` in a convert checkpoint
-_NOT_ARCH = {'hf_path', 'max_position', 'moe', 'feature_layer', 'feature_select'}
+_NOT_ARCH = {'hf_path', 'max_position', 'feature_layer', 'feature_select',
+             # how MoE layers run and train, not what the checkpoint holds
+             'impl', 'dropless_impl', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef'}
 _VOCAB_LEAVES = ('embed_tokens/embedding', 'lm_head/kernel')
 
 
@@ -204,7 +207,7 @@ def _load_part(path: str, part: str, sub_cfg, family, theirs, rows, abstract_par
   if rows:
     rules = [dataclasses.replace(r, rows=rows) if r.path in _VOCAB_LEAVES else r for r in rules]
   with Checkpoint(path, family.rename(theirs)) as ckpt:
-    flat = api.load_params(ckpt, rules, targets, f'config.model.{part}')
+    flat = api.load_params(families.FusedExperts(ckpt), rules, targets, f'config.model.{part}')
   return flax.traverse_util.unflatten_dict(flat, sep='/')
 
 
