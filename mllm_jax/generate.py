@@ -44,10 +44,21 @@ def vcd_logits(logits, noised_logits, alpha: float, beta: float):
   return jnp.where(logits < cutoff, -jnp.inf, cd)
 
 
+def greedy_token(logits):
+  """[B, V] -> [B] int32: the first index of the largest logit, as `argmax` gives it, found as
+  a max then a min over the matching indices. Two plain reductions vectorise on XLA:CPU where
+  argmax's (value, index) reduction does not: 0.4 vs 1.4 ms at [8, 32000], ~5% of a decode step
+  of the benchmark model. Rows with NaN logits give the last token id (argmax: the NaN's)."""
+  v = logits.shape[-1]
+  best = jnp.max(logits, -1, keepdims=True)
+  first = jnp.min(jnp.where(logits == best, jnp.arange(v, dtype=jnp.int32), v), -1)
+  return jnp.minimum(first, v - 1)
+
+
 def sample_token(logits, rng, temperature: float, top_k: int, top_p: float):
   """[B, V] fp32 logits -> [B] int32 (greedy when temperature == 0)."""
   if temperature == 0.0:
-    return jnp.argmax(logits, -1).astype(jnp.int32)
+    return greedy_token(logits)
   logits = logits / temperature
   if top_k:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]

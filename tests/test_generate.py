@@ -103,6 +103,15 @@ def test_sampling_warpers():
   assert set(draw(temperature=0.0, top_k=0, top_p=1.0)) == {0}
 
 
+def test_greedy_token_is_argmax_including_ties():
+  rng = np.random.RandomState(0)
+  logits = rng.randn(64, 1000).astype(np.float32)
+  logits[:16, 500] = logits[:16, 900] = logits[:16].max(-1) + 1   # ties: the first index wins
+  logits[16:32] = np.round(logits[16:32])                          # many ties
+  np.testing.assert_array_equal(np.asarray(gen.greedy_token(jnp.asarray(logits))),
+                                np.argmax(logits, -1))
+
+
 def test_sampling_is_seeded(llava):
   _, model, params, inputs, _ = llava
   run = lambda seed: np.asarray(gen.generate(
