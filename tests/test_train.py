@@ -38,7 +38,8 @@ def make_batch(n=8, t=12, seed=0):
               pixel_values=rng.randn(n, 1, 16, 16, 3).astype(np.float32))
 
 
-def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chunk=0):
+def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chunk=0,
+          logits_width=0):
   model = MLLM(CFG)
   factory = steps.StateFactory(model, mesh, shd.logical_rules(rules))
   if params is None:
@@ -48,7 +49,8 @@ def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chun
   tx = tx or optim.make_optimizer(OPT, 10)
   mask = factory.mask(pattern, 'trainable')
   state = factory.create_state(params, tx, mask)
-  fn = steps.make_train_step(model, tx, mask, logits_chunk=logits_chunk)
+  fn = steps.make_train_step(model, tx, mask, logits_chunk=logits_chunk,
+                             logits_width=logits_width)
   return factory, state, fn, tx, mask
 
 

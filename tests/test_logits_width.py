@@ -1,0 +1,121 @@
+"""config.train.logits_width: the compact loss (lm_head + CE only at each row's first W loss
+positions) equals the full one when no row has more loss tokens, and the loop runs batches
+that have such a row through the full-width step instead of cutting them short."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mllm_jax.train import loop, losses
+
+from test_loop import TINY, load_demo, read_metrics
+from test_train import grads_of_step, make_batch, mesh1, setup
+
+
+def loss_case():
+  """hidden [4, 12, 5], a [5, 7] head, and rows with 6, 3, 0 and 1 loss tokens (position 0 is
+  never a target); loss positions in the middle, at the end and alone."""
+  rng = np.random.RandomState(0)
+  hidden = jnp.asarray(rng.randn(4, 12, 5), jnp.float32)
+  w = jnp.asarray(rng.randn(5, 7), jnp.float32)
+  ids = jnp.asarray(rng.randint(0, 7, (4, 12)))
+  loss_mask = np.zeros((4, 12), np.float32)
+  loss_mask[0, 6:] = 1
+  loss_mask[1, [2, 3, 9]] = 1
+  loss_mask[3, 0] = 1                          # position 0: not a target
+  loss_mask[3, 11] = 1
+  return hidden, w, ids, loss_mask
+
+
+def test_compact_loss_equals_full_loss_and_grads_when_rows_fit():
+  hidden, w, ids, loss_mask = loss_case()
+  assert losses.row_loss_tokens(loss_mask) == 6
+  assert losses.row_loss_tokens(loss_mask[None]) == 6        # [accum, micro, T] host batches
+  full = lambda h, w: losses.next_token_loss(h @ w, ids, loss_mask)
+  compact = lambda width: lambda h, w: losses.compact_next_token_loss(
+      h, lambda x: x @ w, ids, loss_mask, width)
+  a = full(hidden, w)
+  assert float(a['tokens']) == 10
+  ga = jax.grad(lambda h, w: full(h, w)['loss_sum'], (0, 1))(hidden, w)
+  for width in (6, 9, 40):                     # the max row count, more, more than T - 1
+    b = compact(width)(hidden, w)
+    for key in ('loss_sum', 'tokens', 'correct'):
+      np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=f'{key}, width {width}')
+    gb = jax.grad(lambda h, w: compact(width)(h, w)['loss_sum'], (0, 1))(hidden, w)
+    for x, y in zip(ga, gb):                   # d/d hidden and d/d head
+      np.testing.assert_allclose(y, x, atol=1e-6, err_msg=f'width {width}')
+
+
+def test_compact_loss_drops_loss_tokens_beyond_width():
+  """Below the max row count the compact loss silently keeps each row's first `width` loss
+  tokens: the reason the loop checks `row_loss_tokens` before using it."""
+  hidden, w, ids, loss_mask = loss_case()
+  b = losses.compact_next_token_loss(hidden, lambda x: x @ w, ids, loss_mask, 4)
+  assert float(b['tokens']) == 4 + 3 + 0 + 1   # row 0 cut from 6 to its first 4
+  kept = loss_mask.copy()
+  kept[0, 10:] = 0                             # row 0's loss positions 6..9 are its first 4
+  ref = losses.next_token_loss(hidden @ w, ids, kept)
+  np.testing.assert_allclose(b['loss_sum'], ref['loss_sum'], rtol=1e-6)
+  full = losses.next_token_loss(hidden @ w, ids, loss_mask)
+  assert abs(float(b['loss_sum']) - float(full['loss_sum'])) > 1e-3
+
+
+def test_logits_width_step_equals_full_logits_step():
+  """A train step with logits_width = the batch's max row count: same loss, accuracy, token
+  count and updated parameters (SGD lr 1: the update is the gradient) as without it."""
+  batch = make_batch()
+  width = losses.row_loss_tokens(batch['loss_mask'])
+  assert width == 7 and width < batch['loss_mask'].shape[1] - 1
+  before = jax.device_get(setup(mesh1())[1].params)
+  (m0, g0), (m1, g1) = [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_width=w), batch)
+                        for w in (0, width)]
+  for key in ('loss', 'token_accuracy', 'loss_tokens'):
+    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-6)
+  scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(g0))
+  assert scale > 0
+  jax.tree.map(lambda p, a, b: np.testing.assert_allclose(p - b, p - a, rtol=1e-5,
+                                                          atol=1e-6 * scale), before, g0, g1)
+  # below the max row count the step trains on fewer tokens: the loop must not use it there
+  m2, _ = grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_width=width - 2), batch)
+  assert m2['loss_tokens'] < m0['loss_tokens']
+
+
+def test_logits_width_config_errors(tmp_path):
+  with pytest.raises(ValueError, match=r'config.train.logits_width=-1: expected an integer'):
+    loop.logits_width(load_demo(**{'train.logits_width': -1}))
+  with pytest.raises(ValueError, match=r'config.train.logits_width=-3'):   # before any model
+    loop.run(load_demo(**{**TINY, 'train.logits_width': -3}), str(tmp_path))
+  assert not (tmp_path / 'metrics.jsonl').exists()
+
+
+def test_loop_runs_batches_over_the_width_at_full_width(tmp_path, capsys):
+  """SFT with a logits_width below some batches' max row count: those batches take the wide
+  step (counted in train/over_logits_width, warned once), the others the compact one, the two
+  steps hand the one state back and forth, and every logged number equals the run without it."""
+  over = {**TINY, 'train.stages': 'sft', 'sft.steps': 6, 'train.checkpoint_every': 0}
+  # the batch of SFT step s is samples [16 s, 16 (s + 1)) of the built-in task
+  config = load_demo(**over)
+  tok = loop.load_tokenizer(config, str(tmp_path / 'tok'))
+  task = loop.make_task(config, tok, loop.model_config(config, tok), 'vqa', 'train')
+  row_max = [losses.row_loss_tokens(task.batch(16 * s, 16)['loss_mask']) for s in range(6)]
+  width = min(row_max)
+  assert max(row_max) > width, row_max          # both kinds of batch occur
+  expected = np.cumsum(np.array(row_max) > width).tolist()
+
+  loop.run(load_demo(**over), str(tmp_path / 'full'))
+  capsys.readouterr()
+  loop.run(load_demo(**over, **{'train.logits_width': width}), str(tmp_path / 'width'))
+  out = capsys.readouterr().out
+  assert out.count('config.train.logits_width') == 2, out   # the first time, and the summary
+  assert f'loss tokens > config.train.logits_width={width}' in out
+  a, b = read_metrics(tmp_path / 'full'), read_metrics(tmp_path / 'width')
+  train_a, train_b = [m for m in a if 'loss' in m], [m for m in b if 'loss' in m]
+  assert [m['step'] for m in train_b] == [m['step'] for m in train_a] == list(range(1, 7))
+  assert 'train/over_logits_width' not in train_a[0]
+  assert [m['train/over_logits_width'] for m in train_b] == expected
+  for key in ('loss', 'grad_norm', 'token_accuracy', 'loss_tokens'):
+    np.testing.assert_allclose([m[key] for m in train_b], [m[key] for m in train_a], rtol=2e-5,
+                               err_msg=key)
+  eval_a, eval_b = [m for m in a if 'eval/loss' in m], [m for m in b if 'eval/loss' in m]
+  np.testing.assert_allclose(eval_b[-1]['eval/loss'], eval_a[-1]['eval/loss'], rtol=2e-5)
