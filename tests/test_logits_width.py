@@ -103,3 +103,16 @@ def test_loop_runs_batches_over_the_width_at_full_width(tmp_path, capsys):
                                err_msg=key)
   eval_a, eval_b = [m for m in a if 'eval/loss' in m], [m for m in b if 'eval/loss' in m]
   np.testing.assert_allclose(eval_b[-1]['eval/loss'], eval_a[-1]['eval/loss'], rtol=2e-5)
+
+
+def test_demo_logits_width_covers_its_rows(tmp_path):
+  """configs/demo.py sets logits_width so that its data never needs the full-width step (the
+  fallback keeps other data exact; here it would only cost time), yet skips most positions."""
+  config = load_demo()
+  width = config.train.logits_width
+  tok = loop.load_tokenizer(config, str(tmp_path))
+  mcfg = loop.model_config(config, tok)
+  for name in loop.stage_names(config):
+    task = loop.make_task(config, tok, mcfg, config[name].task, 'train')
+    mask = task.batch(0, 512)['loss_mask']
+    assert 0 < losses.row_loss_tokens(mask) <= width < (mask.shape[1] - 1) / 2, name
