@@ -77,6 +77,7 @@ def test_loop_runs_batches_over_the_width_at_full_width(tmp_path, capsys):
   over = {**TINY, 'train.stages': 'sft', 'sft.steps': 6, 'train.checkpoint_every': 0}
   # the batch of SFT step s is samples [16 s, 16 (s + 1)) of the built-in task
   config = load_demo(**over)
+  assert config.train.logits_width   # the demo sets one; replaced below
   tok = loop.load_tokenizer(config, str(tmp_path / 'tok'))
   task = loop.make_task(config, tok, loop.model_config(config, tok), 'vqa', 'train')
   masks = [task.batch(16 * s, 16)['loss_mask'] for s in range(6)]
@@ -85,7 +86,7 @@ def test_loop_runs_batches_over_the_width_at_full_width(tmp_path, capsys):
   assert max(row_max) > width, row_max          # both kinds of batch occur
   expected = np.cumsum(np.array(row_max) > width).tolist()
 
-  loop.run(load_demo(**over), str(tmp_path / 'full'))
+  loop.run(load_demo(**over, **{'train.logits_width': 0}), str(tmp_path / 'full'))
   capsys.readouterr()
   loop.run(load_demo(**over, **{'train.logits_width': width}), str(tmp_path / 'width'))
   out = capsys.readouterr().out
