@@ -28,23 +28,27 @@ def loss_case():
   return hidden, w, ids, loss_mask
 
 
+def sums_and_grads(loss_fn, hidden, w):
+  """loss_fn(hidden, w) -> dict(loss_sum, tokens, correct); also d loss_sum / d (hidden, w)."""
+  fn = lambda h, w: (loss_fn(h, w)['loss_sum'], loss_fn(h, w))
+  (_, sums), grads = jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(hidden, w)
+  return sums, grads
+
+
 def test_compact_loss_equals_full_loss_and_grads_when_rows_fit():
   hidden, w, ids, loss_mask = loss_case()
   assert losses.row_loss_tokens(loss_mask) == 6
   assert losses.row_loss_tokens(loss_mask[None]) == 6        # [accum, micro, T] host batches
-  full = lambda h, w: losses.next_token_loss(h @ w, ids, loss_mask)
-  compact = lambda width: lambda h, w: losses.compact_next_token_loss(
-      h, lambda x: x @ w, ids, loss_mask, width)
-  a = full(hidden, w)
+  a, ga = sums_and_grads(lambda h, w: losses.next_token_loss(h @ w, ids, loss_mask), hidden, w)
   assert float(a['tokens']) == 10
-  ga = jax.grad(lambda h, w: full(h, w)['loss_sum'], (0, 1))(hidden, w)
   for width in (6, 9, 40):                     # the max row count, more, more than T - 1
-    b = compact(width)(hidden, w)
+    b, gb = sums_and_grads(lambda h, w: losses.compact_next_token_loss(
+        h, lambda x: x @ w, ids, loss_mask, width), hidden, w)
     for key in ('loss_sum', 'tokens', 'correct'):
       np.testing.assert_allclose(b[key], a[key], rtol=1e-6, err_msg=f'{key}, width {width}')
-    gb = jax.grad(lambda h, w: compact(width)(h, w)['loss_sum'], (0, 1))(hidden, w)
     for x, y in zip(ga, gb):                   # d/d hidden and d/d head
       np.testing.assert_allclose(y, x, atol=1e-6, err_msg=f'width {width}')
+    assert np.abs(np.asarray(ga[0])).max() > 1e-2
 
 
 def test_compact_loss_drops_loss_tokens_beyond_width():
