@@ -18,7 +18,10 @@ def get_config():
                         mlp_dim=256, feature_layer=-2, feature_select='patch')
   c.model.connector.update(kind='mlp', depth=2)
   c.data.update(max_len=80, max_images=2)
-  c.train.update(log_every=20, checkpoint_every=200, eval_examples=512, eval_batch_size=128)
+  c.train.update(log_every=20, checkpoint_every=200, eval_examples=512, eval_batch_size=128,
+                 # the lm_head only at 32 loss positions a row, not 79: a caption has at most
+                 # 25 loss tokens, a VQA conversation 6 (longer rows would run at full width)
+                 logits_width=32)
   c.pretrain = stage_config(task='caption', trainable='.*', steps=300, batch_size=32,
                             lr=1e-3, warmup_ratio=0.05, weight_decay=0.01)
   c.sft = stage_config(task='vqa', trainable='(connector|llm)/.*', steps=600, batch_size=32,

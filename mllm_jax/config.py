@@ -101,6 +101,12 @@ def base_config() -> CD:
       # lm_head + cross-entropy over [batch, logits_chunk] slices of each row's loss positions
       # (no [B, T, vocab] logits; positions without loss skipped); 0 = one full projection
       logits_chunk=128,
+      # >0: SFT / pretrain steps run the lm_head + cross-entropy only at each row's first
+      # logits_width loss positions (losses.compact_next_token_loss): exact when no row has
+      # more loss tokens, which the loop checks per batch; a batch with more runs through the
+      # logits_chunk step instead (metric `train/over_logits_width`). Set it to the most loss
+      # tokens a row of the data has. 0 = off. DPO stages ignore it.
+      logits_width=0,
       # A step whose loss or gradients are NaN/inf never updates params or optimizer state.
       # 'skip': count it (metric `skipped_steps`) and go on, but stop with an error after
       # max_consecutive_nonfinite bad steps in a row (0 = never); 'stop': error at the first.

@@ -38,7 +38,8 @@ def make_batch(n=8, t=12, seed=0):
               pixel_values=rng.randn(n, 1, 16, 16, 3).astype(np.float32))
 
 
-def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chunk=0):
+def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chunk=0,
+          logits_width=0):
   model = MLLM(CFG)
   factory = steps.StateFactory(model, mesh, shd.logical_rules(rules))
   if params is None:
@@ -48,7 +49,8 @@ def setup(mesh, pattern='.*', rules='fsdp_tp', params=None, tx=None, logits_chun
   tx = tx or optim.make_optimizer(OPT, 10)
   mask = factory.mask(pattern, 'trainable')
   state = factory.create_state(params, tx, mask)
-  fn = steps.make_train_step(model, tx, mask, logits_chunk=logits_chunk)
+  fn = steps.make_train_step(model, tx, mask, logits_chunk=logits_chunk,
+                             logits_width=logits_width)
   return factory, state, fn, tx, mask
 
 
@@ -156,14 +158,21 @@ def test_grad_accumulation_equals_one_big_batch():
   assert_grads_close(g1, g4)
 
 
-def test_logits_chunk_step_equals_full_logits_step():
-  """config.train.logits_chunk changes where the vocabulary projection runs, not the step."""
+def test_logits_chunk_and_width_steps_equal_full_logits_step():
+  """config.train.logits_chunk, and logits_width at the batch's most loss tokens in a row,
+  change where the vocabulary projection runs, not the step (loss, metrics, every parameter's
+  update: with SGD lr 1 it is the gradient)."""
   batch = make_batch()
-  (m0, g0), (m1, g1) = [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_chunk=c), batch)
-                        for c in (0, 4)]
-  for key in ('loss', 'token_accuracy', 'loss_tokens'):
-    np.testing.assert_allclose(m1[key], m0[key], rtol=1e-6)
-  assert_grads_close(g0, g1)
+  width = losses.row_loss_tokens(batch['loss_mask'])
+  assert width == 7 and width < batch['loss_mask'].shape[1] - 1   # rows of 2, 4, 5, 6, 7
+  (m0, g0), *rest = [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_chunk=c,
+                                          logits_width=w), batch)
+                     for c, w in ((0, 0), (4, 0), (0, width))]
+  assert m0['loss_tokens'] == batch['loss_mask'][:, 1:].sum()
+  for m1, g1 in rest:
+    for key in ('loss', 'token_accuracy', 'loss_tokens', 'grad_norm'):
+      np.testing.assert_allclose(m1[key], m0[key], rtol=1e-6, err_msg=key)
+    assert_grads_close(g0, g1)
 
 
 def test_optimizer_state_is_sharded_like_its_parameter():

@@ -23,7 +23,7 @@ from mllm_jax.checkpoint import Checkpointer, RunPosition
 from mllm_jax.data import images as image_utils
 from mllm_jax.data import preference, synthetic, tokenizer as tok_lib
 from mllm_jax.models import MLLM, MLLMConfig
-from mllm_jax.train import optim, steps
+from mllm_jax.train import losses, optim, steps
 from mllm_jax.train.metrics import MetricsWriter
 
 
@@ -329,6 +329,16 @@ def stage_names(config) -> list[str]:
   return names
 
 
+def logits_width(config) -> int:
+  """`config.train.logits_width`, checked: 0 (off) or the loss positions per row that the SFT /
+  pretrain step projects to the vocabulary (`losses.compact_next_token_loss`)."""
+  w = config.train.logits_width
+  if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+    raise ValueError(f'config.train.logits_width={w!r}: expected an integer >= 0 (0 = off; '
+                     'else the most loss tokens a row of the data has)')
+  return w
+
+
 def stage_setup(config, factory, name):
   sc = config[name]
   if sc.batch_size % sc.grad_accum:
@@ -349,6 +359,7 @@ def run(config, workdir: str) -> dict:
   os.makedirs(workdir, exist_ok=True)
   mesh = shd.make_mesh(config.mesh.to_dict())
   rules = shd.logical_rules(config.sharding.rules)
+  logits_width(config)   # a bad value fails before any model is built
   if not distributed.is_primary():
     distributed.sync('tokenizer')   # process 0 builds the demo tokenizer, the others read it
   tokenizer = load_tokenizer(config, workdir)
@@ -448,14 +459,23 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   start = int(jax.device_get(state.step))
   nan_steps = set(_int_list(config.train.debug_nan_steps, 'config.train.debug_nan_steps'))
   ref = None
+  width = 0   # config.train.logits_width of this stage's step (0: every position)
   if sc.task == 'dpo':
     from mllm_jax.train import dpo
     step_fn = dpo.make_dpo_train_step(factory.model, tx, mask, schedule=schedule,
                                       **sc.preference.to_dict())
     ref = dpo_reference(os.path.dirname(ckpt.directory), name, factory, state.params, start)
   else:
+    width = logits_width(config)
     step_fn = steps.make_train_step(factory.model, tx, mask, schedule,
+                                    logits_chunk=config.train.logits_chunk, logits_width=width)
+  # A batch with a row of more than `width` loss tokens would be cut short by the compact step:
+  # it runs through this step (every loss position) instead, compiled when first needed.
+  wide_fn = wide_jstep = None
+  if width:
+    wide_fn = steps.make_train_step(factory.model, tx, mask, schedule,
                                     logits_chunk=config.train.logits_chunk)
+  over_width = 0   # batches of this stage (this run) that took the wide step
   micro = sc.batch_size // sc.grad_accum
   batches = prefetch(train_iterator(train_task, sc, name, mesh, start, data_state),
                      config.data.prefetch)
@@ -499,7 +519,23 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
       elif jstep is None:
         jstep = steps.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh, ndim)
       batch = distributed.global_batch(host, mesh, micro)
-      state, metrics = jstep(state, batch) if ref is None else jstep(state, batch, ref)
+      row_tokens = losses.row_loss_tokens(host['loss_mask']) if width else 0
+      # every process takes the same step (this process sees only its own rows)
+      if width and distributed.any_process(row_tokens > width):
+        over_width += 1
+        if over_width == 1:
+          seen = (f'a row with {row_tokens} loss tokens' if row_tokens > width else
+                  'a row of another process with more')
+          print(f'Stage {name!r} step {s + 1}: {seen} > config.train.logits_width={width}; '
+                'such batches run the full-width step (metric train/over_logits_width)')
+        if wide_jstep is None:
+          wide_jstep = steps.jit_train_step(wide_fn, factory.state_shardings(tx, mask), mesh,
+                                            ndim)
+        state, metrics = wide_jstep(state, batch)   # donates and returns the one state
+      elif ref is None:
+        state, metrics = jstep(state, batch)
+      else:
+        state, metrics = jstep(state, batch, ref)
       tokens += sum(int(v.sum()) for k, v in host.items() if k.endswith('attention_mask'))
       done = s + 1
       # Checking a step's non-finite flag waits for it: check the previous step while this one
@@ -515,6 +551,8 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
         m['tokens_per_s'] = tokens / dt if dt > 0 else 0.0
         m['skipped_steps'], monitor.since_log = monitor.since_log, 0
         m.update({f'data/skipped_{k}': v for k, v in skip_counts(train_task).items()})
+        if width:
+          m['train/over_logits_width'] = over_width
         m['stage'] = name
         writer.write(offset + done, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}")
@@ -540,6 +578,9 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   bar.close()
   if monitor.total:
     print(f'Stage {name!r}: {monitor.total} steps skipped for non-finite loss or gradients')
+  if over_width:
+    print(f'Stage {name!r}: {over_width} batches had a row of more than '
+          f'config.train.logits_width={width} loss tokens (run at full width)')
   results = run_eval(sc.steps)
   save(sc.steps, True)
   msg = ', '.join(f'{k} {v:.4f}' for k, v in results.items() if k != 'eval/answers')
