@@ -24,4 +24,7 @@ def get_config():
   c.unlock()
   c.data.update(source='llava_json', bad_input='skip', buckets='48,64', window=8, workers=2,
                 eval_fraction=0.0)
+  # demo.py's logits_width (32) fits its synthetic rows; real conversations are longer, so
+  # project every loss position unless a width is set for the data at hand
+  c.train.logits_width = 0
   return finalize(c)
