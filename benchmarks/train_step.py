@@ -58,8 +58,10 @@ def parse_args(argv=None):
                  help='config.model.attention_blocks of the JAX model (causal query blocks)')
   p.add_argument('--logits-chunk', type=int, default=0,
                  help='config.train.logits_chunk of the JAX step (0 = full logits)')
-  p.add_argument('--logits-width', type=int, default=0,
-                 help='config.train.logits_width of the JAX step (0 = every position)')
+  p.add_argument('--logits-width', type=int, default=320,
+                 help='config.train.logits_width of the JAX step (0 = every position); default: '
+                      "the batch's most loss tokens per row (315) rounded up to 64, as a user "
+                      'sets it for such data')
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.warmup, args.matmul_size = 3, 1, 2048
@@ -247,7 +249,7 @@ def main(argv=None):
         f'(causal-half attention, lm_head at the text-predicting positions): '
         f'{flops_needed.total / 1e9:.1f} GFLOP', flush=True)
   print(f'jax model: attention einsum, attention_blocks {args.attention_blocks}, '
-        f'logits_chunk {args.logits_chunk}', flush=True)
+        f'logits_chunk {args.logits_chunk}, logits_width {args.logits_width}', flush=True)
 
   peak_meter = MatmulPeak(args.matmul_size)
   peak_meter.sample(repeats=5)

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from mllm_jax.models import layers as L
 from mllm_jax.models.config import MoEConfig
 
-BLOCK = 128   # rows per block of the `blocks` grouped matmul
-CHUNK = 2     # blocks per matmul where an expert has that many left (measured: 2-4 best)
+BLOCK = 64    # rows per block of the `blocks` grouped matmul (an expert pads to a multiple)
+CHUNK = 4     # blocks per matmul where an expert has that many left (BENCHMARKS.md)
 
 
 class RouterStats(NamedTuple):
@@ -82,17 +82,17 @@ def _ranks(experts, num_experts: int):
   return position - starts[experts], sizes[:num_experts], order
 
 
-def _each_expert_run(first, count, chunk: int, body, carry):
-  """carry = body(e, j, n, carry) over every expert e's blocks first[e] .. first[e]+count[e]-1,
-  in runs of n = `chunk` blocks while they last, then single blocks (n = 1). Loops, not a scan:
-  the runs write into one carried buffer in place, each expert's weights are read once per
-  expert rather than once per block, and blocks past the used ones cost nothing."""
-  def expert(e, carry):
-    s, c = first[e], count[e]
-    runs = c // chunk
-    carry = jax.lax.fori_loop(0, runs, lambda q, cr: body(e, s + q * chunk, chunk, cr), carry)
-    return jax.lax.fori_loop(s + runs * chunk, s + c, lambda j, cr: body(e, j, 1, cr), carry)
-  return jax.lax.fori_loop(0, first.shape[0], expert, carry)
+def _expert_runs(start, count, chunk: int, body, carry):
+  """carry = body(j, n, carry) over blocks start .. start+count-1 (one expert's): runs of
+  n = `chunk` blocks while they last, then single blocks (n = 1). So most rows go through large
+  matmuls while an expert's padding stays below one small block. Loops, not a scan: the runs
+  update carried buffers in place and blocks past the used ones cost nothing. (Splitting the
+  rest into runs of chunk/2, chunk/4, .. was slower: every extra loop costs a copy of the
+  carried buffers.)"""
+  runs = count // chunk
+  carry = jax.lax.fori_loop(0, runs, lambda q, cr: body(start + q * chunk, chunk, cr), carry)
+  return jax.lax.fori_loop(start + runs * chunk, start + count,
+                           lambda j, cr: body(j, 1, cr), carry)
 
 
 def _rows(a, block_index, n_blocks: int, block: int):
@@ -111,10 +111,11 @@ def grouped_matmul(x, w, first, count, block: int, chunk: int):
 
 
 def _grouped_matmul_fwd(x, w, first, count, block, chunk):
-  def body(e, j, n, out):
-    return jax.lax.dynamic_update_slice_in_dim(out, _rows(x, j, n, block) @ w[e], j * block, 0)
-  out = _each_expert_run(first, count, chunk, body,
-                         jnp.zeros((x.shape[0], w.shape[2]), x.dtype))
+  def expert(e, out):
+    we = w[e]   # read once per expert
+    return _expert_runs(first[e], count[e], chunk, lambda j, n, out: (
+        jax.lax.dynamic_update_slice_in_dim(out, _rows(x, j, n, block) @ we, j * block, 0)), out)
+  out = jax.lax.fori_loop(0, w.shape[0], expert, jnp.zeros((x.shape[0], w.shape[2]), x.dtype))
   return out, (x, w, first, count)
 
 
@@ -133,11 +134,8 @@ def _grouped_matmul_bwd(block, chunk, res, dy):
       dx = jax.lax.dynamic_update_slice_in_dim(dx, dxj, j * block, 0)
       return dx, dwe + jax.lax.dot_general(_rows(x, j, n, block), dyj,
                                            (((0,), (0,)), ((), ()))).astype(dwe.dtype)
-    s, c = first[e], count[e]
-    runs = c // chunk
-    cr = (dx, jnp.zeros(w.shape[1:], w.dtype))
-    cr = jax.lax.fori_loop(0, runs, lambda q, cr: body(s + q * chunk, chunk, cr), cr)
-    dx, dwe = jax.lax.fori_loop(s + runs * chunk, s + c, lambda j, cr: body(j, 1, cr), cr)
+    cr = (dx, jnp.zeros(w.shape[1:], w.dtype))   # expert e's weight gradient [K, M]
+    dx, dwe = _expert_runs(first[e], count[e], chunk, body, cr)
     return dx, jax.lax.dynamic_update_index_in_dim(dw, dwe, e, 0)
 
   dx, dw = jax.lax.fori_loop(0, w.shape[0], expert, (jnp.zeros_like(x), jnp.zeros_like(w)))
