@@ -1,14 +1,17 @@
 """Generation throughput of the bench model: mllm_jax.generate vs transformers' generate.
 
-    python benchmarks/generate.py           # batch 1 and 8, 64 new tokens, 3 timed runs each
-    python benchmarks/generate.py --quick   # 16 new tokens, 1 timed run
+    python benchmarks/generate.py           # batch 1 and 8, 64 new tokens, 5 timed repeats
+    python benchmarks/generate.py --quick   # 16 new tokens, 2 timed repeats
 
 The bench model of benchmarks/train_step.py (benchmarks/common.py) is built in transformers
 (LlavaForConditionalGeneration, fp32, sdpa attention), saved with save_pretrained and loaded
 into mllm_jax with mllm_jax.load_hf, so both decode the same weights; prompts are BOS + 196
 image tokens + text (256 tokens), greedy, no stop token, in one process with the same threads.
-Prefill time = a run with max_new_tokens=1; decode tokens/s = batch x (N - 1) / (time(N) -
-time(1)). Last line (batch 8):
+Prefill time = a run with max_new_tokens=1; decode tokens/s = batch x (N - 1) / median over
+repeats of (time(N) - time(1)), both timed back to back (after an untimed call) in each
+repeat, frameworks in turn.
+Runs re-exec with glibc.malloc.hugetlb=1 like the training CLI (`--no-hugepages`: don't).
+Last line (batch 8):
     decode_tokens_per_s=<x> transformers_decode_tokens_per_s=<x> ratio=<x>
 """
 from __future__ import annotations
@@ -25,20 +28,22 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROMPT_LEN = 256
 
 
+def stopwatch(fn):
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
 def timed(fn, repeats):
-  fn()   # compile / warm up
-  out = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t0)
-  return statistics.median(out)
+  """Median seconds of `repeats` calls after a warm-up call."""
+  fn()
+  return statistics.median(stopwatch(fn) for _ in range(repeats))
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--new-tokens', type=int, default=64)
-  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--quick', action='store_true')
   p.add_argument('--scan-too', action='store_true',
                  help="also time layer_loop='scan' (the TPU/GPU default) in the same run")
@@ -50,7 +55,7 @@ def main(argv=None):
     from mllm_jax import hostmem
     hostmem.reexec_with_huge_pages()
   if args.quick:
-    args.new_tokens, args.repeats = 16, 1
+    args.new_tokens, args.repeats = 16, 2
 
   import jax
   import numpy as np
@@ -106,12 +111,27 @@ def main(argv=None):
     runs = [('mllm_jax', ours), ('transformers', theirs)]
     if args.scan_too:
       runs.append(('mllm_jax scan', lambda n: ours(n, 'scan')))
-    for name, make in runs:
-      t1, tn = timed(make(1), args.repeats), timed(make(n), args.repeats)
-      row[name] = dict(prefill=batch * PROMPT_LEN / t1, decode=batch * (n - 1) / (tn - t1))
+    # Paired, interleaved timings: each repeat times (1 new token, n new tokens) for every
+    # framework in turn, after one untimed call, and decode time = median over repeats of the
+    # pair's difference, so a slow moment of the machine hits both frameworks and does not
+    # leak from a prefill timing into the decode estimate.
+    fns = {name: (make(1), make(n)) for name, make in runs}
+    for one, many in fns.values():   # compile / warm up
+      one(), many()
+    t1s, diffs = {name: [] for name in fns}, {name: [] for name in fns}
+    for _ in range(args.repeats):
+      for name, (one, many) in fns.items():
+        one()   # untimed: the first call after the other framework ran is a cold one
+        t1, tn = stopwatch(one), stopwatch(many)
+        t1s[name].append(t1)
+        diffs[name].append(tn - t1)
+    for name in fns:
+      t1, dt = statistics.median(t1s[name]), statistics.median(diffs[name])
+      row[name] = dict(prefill=batch * PROMPT_LEN / t1, decode=batch * (n - 1) / dt)
       print(f'batch {batch} {name}: prefill {row[name]["prefill"]:.0f} tokens/s '
             f'({t1 * 1e3:.0f} ms), decode {row[name]["decode"]:.1f} tokens/s '
-            f'({(tn - t1) / (n - 1) * 1e3:.1f} ms/step)', flush=True)
+            f'({dt / (n - 1) * 1e3:.1f} ms/step; per repeat '
+            f'{", ".join(f"{d / (n - 1) * 1e3:.1f}" for d in diffs[name])})', flush=True)
     print(f'batch {batch}: decode ratio {row["mllm_jax"]["decode"] / row["transformers"]["decode"]:.2f}, '
           f'prefill ratio {row["mllm_jax"]["prefill"] / row["transformers"]["prefill"]:.2f}; '
           f'same greedy tokens: {same}', flush=True)
