@@ -1,7 +1,8 @@
-"""config.train.logits_width: the compact loss (lm_head + CE only at each row's first W loss
+"""The vocabulary projection paths: `logits_chunk` slices equal the full logits, and with
+`config.train.logits_width` the compact loss (lm_head + CE only at each row's first W loss
 positions) equals the full one when no row has more loss tokens, and the loop runs batches
 that have such a row through the full-width step instead of cutting them short. (The train
-step with logits_width: test_train.py::test_logits_chunk_and_width_steps_equal_full_logits_step.)
+step with both: test_train.py::test_logits_chunk_and_width_steps_equal_full_logits_step.)
 """
 import jax
 import jax.numpy as jnp
@@ -33,6 +34,21 @@ def sums_and_grads(loss_fn, hidden, w):
   fn = lambda h, w: (loss_fn(h, w)['loss_sum'], loss_fn(h, w))
   (_, sums), grads = jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(hidden, w)
   return sums, grads
+
+
+@pytest.mark.parametrize('chunk', [1, 3, 16])
+def test_chunked_loss_equals_full_logits_loss_and_grads(chunk):
+  """logits_chunk: loss positions first, [B, chunk] slices, empty slices skipped: the same sums
+  and gradients as the full [B, T, V] logits (T-1 = 11 positions: uneven last slice)."""
+  hidden, w, ids, loss_mask = loss_case()
+  a, ga = sums_and_grads(lambda h, w: losses.next_token_loss(h @ w, ids, loss_mask), hidden, w)
+  b, gb = sums_and_grads(lambda h, w: losses.chunked_next_token_loss(
+      h, lambda x: x @ w, ids, loss_mask, chunk), hidden, w)
+  for key in ('loss_sum', 'tokens', 'correct'):
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-6)
+  assert float(a['tokens']) == 10
+  for x, y in zip(ga, gb):
+    np.testing.assert_allclose(y, x, atol=1e-6)
 
 
 def test_compact_loss_equals_full_loss_and_grads_when_rows_fit():

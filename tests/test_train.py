@@ -77,30 +77,6 @@ def test_next_token_loss_formula():
   assert float(out['tokens']) == 2
 
 
-@pytest.mark.parametrize('chunk', [1, 3, 16])
-def test_chunked_loss_equals_full_logits_loss_and_grads(chunk):
-  """Loss positions first, [B, chunk] slices, empty slices skipped: same sums and gradients as
-  the full [B, T, V] logits (T-1 = 11 positions: uneven last slice, rows with different counts,
-  a row without any loss)."""
-  rng = np.random.RandomState(0)
-  hidden = jnp.asarray(rng.randn(3, 12, 5), jnp.float32)
-  w = jnp.asarray(rng.randn(5, 7), jnp.float32)
-  ids = jnp.asarray(rng.randint(0, 7, (3, 12)))
-  loss_mask = np.zeros((3, 12), np.float32)
-  loss_mask[0, 6:] = 1
-  loss_mask[1, [2, 3, 9]] = 1                  # row 2 has no loss token at all
-  full = lambda h, w: losses.next_token_loss(h @ w, ids, loss_mask)
-  chunked = lambda h, w: losses.chunked_next_token_loss(h, lambda x: x @ w, ids, loss_mask, chunk)
-  a, b = full(hidden, w), chunked(hidden, w)
-  for key in ('loss_sum', 'tokens', 'correct'):
-    np.testing.assert_allclose(b[key], a[key], rtol=1e-6)
-  assert float(a['tokens']) == 9
-  ga = jax.grad(lambda h, w: full(h, w)['loss_sum'], (0, 1))(hidden, w)
-  gb = jax.grad(lambda h, w: chunked(h, w)['loss_sum'], (0, 1))(hidden, w)
-  for x, y in zip(ga, gb):
-    np.testing.assert_allclose(y, x, atol=1e-6)
-
-
 def test_answer_accuracy_needs_every_token_right():
   # predictions (argmax of logits at t) vs targets ids[t+1]
   ids = jnp.array([[0, 1, 2, 3, 1]])

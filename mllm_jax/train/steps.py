@@ -97,26 +97,25 @@ def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0, logits
   """Summed next-token loss of `batch` (dict(loss_sum, tokens, correct)); MoE models add the
   router terms of `moe.loss_terms` (moe_loss, moe/aux_loss, moe/z_loss, moe/dropped_fraction).
 
-  `logits_chunk` > 0 projects to the vocabulary only in slices of the loss positions
-  (`losses.chunked_next_token_loss`); 0 materialises the full [B, T, V] logits.
+  `logits_width` > 0 projects to the vocabulary only at each row's first `logits_width` loss
+  positions (`losses.compact_next_token_loss`; the caller makes sure no row has more);
+  else `logits_chunk` > 0 only in slices of the loss positions
+  (`losses.chunked_next_token_loss`); both 0 materialise the full [B, T, V] logits.
   """
   variables = {'params': params}
-  if logits_width:
-    hidden, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch),
-                                                method='hidden_states')
-    out = losses.compact_next_token_loss(
-        hidden, lambda h: model.apply(variables, h, method='logits'), batch['input_ids'],
-        batch['loss_mask'], logits_width)
-    return {**out, **moe.loss_terms(model, stats)}
-  if not logits_chunk:
+  if not (logits_width or logits_chunk):
     logits, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch))
     out = losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
     return {**out, **moe.loss_terms(model, stats)}
   hidden, stats = moe.apply_with_router_stats(model, variables, **model_inputs(batch),
                                               method='hidden_states')
-  out = losses.chunked_next_token_loss(
-      hidden, lambda h: model.apply(variables, h, method='logits'), batch['input_ids'],
-      batch['loss_mask'], logits_chunk)
+  head = lambda h: model.apply(variables, h, method='logits')
+  if logits_width:
+    out = losses.compact_next_token_loss(hidden, head, batch['input_ids'], batch['loss_mask'],
+                                         logits_width)
+  else:
+    out = losses.chunked_next_token_loss(hidden, head, batch['input_ids'], batch['loss_mask'],
+                                         logits_chunk)
   return {**out, **moe.loss_terms(model, stats)}
 
 
