@@ -8,7 +8,7 @@
 Two ways to run the experts (`moe.impl`), with the same numbers where no token is dropped:
   dropless  every (token, expert) assignment is computed: the assignments are sorted by expert
             and fed to a grouped matmul (`jax.lax.ragged_dot`, or on CPU `blocks`: each
-            expert's rows padded to a block multiple and one matmul per block; see `dropless`).
+            expert's rows padded to a block multiple, multiplied by runs of blocks; see `dropless`).
   capacity  each expert takes at most C = ceil(capacity_factor * tokens * k / E) assignments
             into a fixed [E, C, H] buffer (batched matmul, static shapes, shards on the `expert`
             mesh axis); first choices of all tokens are served before any second choice, each
