@@ -124,6 +124,17 @@ def test_same_reward_step_on_1_and_8_devices_and_with_accumulation(setup):
   np.testing.assert_allclose(m1['rewards/chosen'], rc.mean(), rtol=1e-5)
 
 
+def test_non_finite_reward_step_leaves_the_state_unchanged(setup):
+  """A NaN margin makes the loss NaN: the step keeps params (steps.guarded_update) and says so."""
+  model, task, _ = setup
+  b = task.batch(0, 4)
+  b['margin'] = np.array([0, np.nan, 0, 0], np.float32)
+  m, p = _step(model, mesh1(), {k: v[None] for k, v in b.items()})
+  assert m['nonfinite'] == 1.0 and not np.isfinite(m['loss'])
+  init = jax.device_get(_factory(model, mesh1()).init_params(jax.random.key(0)))
+  jax.tree.map(np.testing.assert_array_equal, p, init)
+
+
 class ShoutedRejected(preference.PreferenceTask):
   """A separable toy preference on the built-in pairs: the rejected answer is written in
   capitals (other tokens), so the preference is learnable from text alone in a few steps."""

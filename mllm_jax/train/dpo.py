@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mllm_jax import sharding as shd
 from mllm_jax.models import moe
 from mllm_jax.train.optim import merge_params, split_params
-from mllm_jax.train.steps import TrainState, guarded_update
+from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update
 
 LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'robust', 'conservative')
 SIDES = ('chosen', 'rejected')
@@ -111,7 +111,7 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
     n_sft = jnp.maximum(batch['chosen_loss_mask'][:, :, 1:].sum(), 1.0)
     accum = batch['chosen_input_ids'].shape[0]
 
-    def micro(grads, mb):
+    def loss_fn(tp, mb):
       inputs = concat_sides(mb)
       if reference == 'model':
         ref_logps, _ = completion_logps(model, jax.lax.stop_gradient(ref_params), inputs)
@@ -119,27 +119,20 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
       else:
         ref_c, ref_r = mb['ref_chosen_logps'], mb['ref_rejected_logps']
 
-      def loss_fn(tp):
-        logps, counts, router = completion_logps(model, merge_params(tp, frozen), inputs,
-                                                 router_terms=True)
-        (pc, pr), (nc, nr) = _split(logps), _split(counts)
-        losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type,
-                                  label_smoothing=label_smoothing, chosen_lengths=nc,
-                                  rejected_lengths=nr)
-        total = alpha * losses.sum() / n_pairs + gamma * (-pc.sum()) / n_sft
-        total = total + router.pop('moe_loss', 0.0) / accum   # MoE load balancing / z-loss
-        return total, dict(dpo_loss=losses.sum(), sft_loss=-pc.sum(), chosen_rewards=rc.sum(),
-                           rejected_rewards=rr.sum(), accuracies=(rc > rr).sum(),
-                           margins=(rc - rr).sum(), chosen_logps=pc.sum(),
-                           rejected_logps=pr.sum(), **router)
+      logps, counts, router = completion_logps(model, merge_params(tp, frozen), inputs,
+                                               router_terms=True)
+      (pc, pr), (nc, nr) = _split(logps), _split(counts)
+      losses, rc, rr = dpo_loss(pc, pr, ref_c, ref_r, beta=beta, loss_type=loss_type,
+                                label_smoothing=label_smoothing, chosen_lengths=nc,
+                                rejected_lengths=nr)
+      total = alpha * losses.sum() / n_pairs + gamma * (-pc.sum()) / n_sft
+      total = total + router.pop('moe_loss', 0.0) / accum   # MoE load balancing / z-loss
+      return total, dict(dpo_loss=losses.sum(), sft_loss=-pc.sum(), chosen_rewards=rc.sum(),
+                         rejected_rewards=rr.sum(), accuracies=(rc > rr).sum(),
+                         margins=(rc - rr).sum(), chosen_logps=pc.sum(),
+                         rejected_logps=pr.sum(), **router)
 
-      (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-      aux['loss'] = loss
-      return jax.tree.map(jnp.add, grads, g), aux
-
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    grads, out = jax.lax.scan(micro, zeros, batch)
-    out = jax.tree.map(jnp.sum, out)
+    grads, out = accumulate_grads(loss_fn, trainable, batch)
     new, metrics = guarded_update(state, trainable, frozen, grads, out['loss'], tx)
     metrics.update({'loss': out['loss'], 'dpo_loss': out['dpo_loss'] / n_pairs,
                     'sft_loss': out['sft_loss'] / n_sft,

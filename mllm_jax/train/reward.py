@@ -40,7 +40,7 @@ from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.models import layers as L
 from mllm_jax.train.dpo import concat_sides
 from mllm_jax.train.optim import merge_params, split_params
-from mllm_jax.train.steps import TrainState
+from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update
 
 SCORE_FILE = 'score.safetensors'     # the head beside an HF LLaVA export
 SCORE_KEY = 'score.weight'           # [1, hidden], as in HF *ForSequenceClassification
@@ -122,33 +122,24 @@ def make_reward_train_step(model: RewardModel, tx: optax.GradientTransformation,
     trainable, frozen = split_params(state.params, mask)
     n_pairs = batch['chosen_input_ids'].shape[0] * batch['chosen_input_ids'].shape[1]
 
-    def micro(grads, mb):
-      def loss_fn(tp):
-        rc, rr = pair_rewards(model, merge_params(tp, frozen), mb)
-        losses = bt_losses(rc, rr, mb.get('margin'))
-        center = ((rc + rr) ** 2).sum()
-        total = (losses.sum() + center_rewards_coefficient * center) / n_pairs
-        return total, dict(bt=losses.sum(), chosen=rc.sum(), rejected=rr.sum(),
-                           right=(rc > rr).sum().astype(jnp.float32))
+    def loss_fn(tp, mb):
+      rc, rr = pair_rewards(model, merge_params(tp, frozen), mb)
+      losses = bt_losses(rc, rr, mb.get('margin'))
+      center = ((rc + rr) ** 2).sum()
+      total = (losses.sum() + center_rewards_coefficient * center) / n_pairs
+      return total, dict(bt=losses.sum(), chosen=rc.sum(), rejected=rr.sum(),
+                         right=(rc > rr).sum().astype(jnp.float32))
 
-      (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-      aux['loss'] = loss
-      return jax.tree.map(jnp.add, grads, g), aux
-
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    grads, out = jax.lax.scan(micro, zeros, batch)
-    out = jax.tree.map(jnp.sum, out)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    metrics = {'loss': out['loss'], 'bt_loss': out['bt'] / n_pairs,
-               'rewards/chosen': out['chosen'] / n_pairs,
-               'rewards/rejected': out['rejected'] / n_pairs,
-               'rewards/margins': (out['chosen'] - out['rejected']) / n_pairs,
-               'accuracy': out['right'] / n_pairs, 'grad_norm': optax.tree.norm(grads)}
+    grads, out = accumulate_grads(loss_fn, trainable, batch)
+    new, metrics = guarded_update(state, trainable, frozen, grads, out['loss'], tx)
+    metrics.update({'loss': out['loss'], 'bt_loss': out['bt'] / n_pairs,
+                    'rewards/chosen': out['chosen'] / n_pairs,
+                    'rewards/rejected': out['rejected'] / n_pairs,
+                    'rewards/margins': (out['chosen'] - out['rejected']) / n_pairs,
+                    'accuracy': out['right'] / n_pairs})
     if schedule is not None:
       metrics['lr'] = schedule(state.step)
-    return TrainState(step=state.step + 1, params=merge_params(trainable, frozen),
-                      opt_state=opt_state), metrics
+    return new, metrics
 
   return step
 

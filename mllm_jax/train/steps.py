@@ -119,6 +119,23 @@ def sequence_loss(model: nn.Module, params, batch, logits_chunk: int = 0, logits
   return {**out, **moe.loss_terms(model, stats)}
 
 
+def accumulate_grads(loss_fn, trainable, batch):
+  """Gradient accumulation over the leading micro-batch axis of `batch` (leaves [accum, b, ...]).
+
+  loss_fn(trainable, micro_batch) -> (loss, aux dict of sums). Returns (the summed gradients of
+  the loss w.r.t. `trainable`, aux and 'loss' summed over micro-batches); one micro-batch runs
+  without a scan."""
+  def micro(grads, mb):
+    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable, mb)
+    return jax.tree.map(jnp.add, grads, g), {**aux, 'loss': loss}
+
+  zeros = jax.tree.map(jnp.zeros_like, trainable)
+  if jax.tree.leaves(batch)[0].shape[0] == 1:
+    return micro(zeros, jax.tree.map(lambda x: x[0], batch))
+  grads, out = jax.lax.scan(micro, zeros, batch)
+  return grads, jax.tree.map(jnp.sum, out)
+
+
 def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
   """Apply the optimizer only when the loss and every gradient are finite; otherwise keep the
   parameters and optimizer state (its step count too) and report the step as skipped.
@@ -148,20 +165,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
     n_tokens = jnp.maximum(batch['loss_mask'][:, :, 1:].sum(), 1.0)
     accum = batch['input_ids'].shape[0]
 
-    def micro_step(grads, mb):
-      def loss_fn(tp):
-        out = sequence_loss(model, merge_params(tp, frozen), mb, logits_chunk, logits_width)
-        # MoE router losses: per micro-batch, averaged over the accumulation steps
-        return out['loss_sum'] / n_tokens + out.get('moe_loss', 0.0) / accum, out
-      (_, out), g = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-      return jax.tree.map(jnp.add, grads, g), out
+    def loss_fn(tp, mb):
+      out = sequence_loss(model, merge_params(tp, frozen), mb, logits_chunk, logits_width)
+      # MoE router losses: per micro-batch, averaged over the accumulation steps
+      return out['loss_sum'] / n_tokens + out.get('moe_loss', 0.0) / accum, out
 
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    if accum == 1:
-      grads, out = micro_step(zeros, jax.tree.map(lambda x: x[0], batch))
-    else:
-      grads, out = jax.lax.scan(micro_step, zeros, batch)
-      out = jax.tree.map(jnp.sum, out)
+    grads, out = accumulate_grads(loss_fn, trainable, batch)
     loss = out['loss_sum'] / n_tokens
     new, metrics = guarded_update(state, trainable, frozen, grads, loss, tx)
     metrics.update(loss=loss, token_accuracy=out['correct'] / n_tokens, loss_tokens=out['tokens'])
