@@ -26,6 +26,9 @@ from mllm_jax.data import synthetic, tokenizer as tok_lib
 from mllm_jax.models import MLLM, MLLMConfig, VisionEncoder
 from mllm_jax.train import loop, optim, steps
 
+from test_hf import assert_close, torch_inputs
+from test_train import mesh1, run_step as train_run_step
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, 'configs')
 IMAGE_ID = 4
@@ -48,14 +51,6 @@ def randomize(model, seed=0):
         p.copy_(0.5 * torch.randn(p.shape, generator=g))
   model.set_attn_implementation('eager')
   return model.eval()
-
-
-def assert_close(ours, ref, mask=None):
-  ours, ref = np.asarray(ours), np.asarray(ref)
-  if mask is not None:
-    ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
-  err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
-  assert err <= 1e-4 * scale, (err, scale)
 
 
 def word_tokenizer(words):
@@ -110,10 +105,6 @@ def hf_inputs(kind):
   prompts = ['Question : what colour is the cat ? Answer : red',
              'describe the picture', 'Question : how many ? Answer :']
   return dict(proc(images=pics, text=prompts, return_tensors='np', padding=True))
-
-
-def torch_inputs(inputs):
-  return {k: torch.tensor(v) for k, v in inputs.items()}
 
 
 @pytest.mark.parametrize('kind', list(KINDS))
@@ -260,16 +251,8 @@ def setup(mesh, pattern='.*', params=None, tx=None, rules='fsdp_tp'):
 
 
 def run_step(factory, state, tx, mask, batch):
-  fn = steps.make_train_step(factory.model, tx, mask)
-  host = {k: v[None] for k, v in batch.items()}
-  jstep = steps.jit_train_step(fn, factory.state_shardings(tx, mask), factory.mesh,
-                               {k: v.ndim - 1 for k, v in host.items()})
-  with jax.set_mesh(factory.mesh), __import__('flax').linen.logical_axis_rules(factory.rules):
-    return jstep(state, shd.shard_batch(host, factory.mesh, leading_accum=True))
-
-
-def mesh1():
-  return shd.make_mesh({'fsdp': 1}, devices=jax.devices()[:1])
+  return train_run_step(factory, state, steps.make_train_step(factory.model, tx, mask), tx, mask,
+                        batch)
 
 
 @pytest.mark.slow
