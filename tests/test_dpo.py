@@ -36,18 +36,27 @@ def test_ipo_normalises_log_ratios_by_length():
   np.testing.assert_allclose(losses, [(0.5 + 0.25 - 5) ** 2], rtol=1e-6)
 
 
-@pytest.fixture(scope='module')
-def setup(tmp_path_factory):
+def tiny_preference_config(tmp_path_factory, vision_depth=2):
+  """(config of a tiny LLaVA-like model on the demo tokenizer, the tokenizer)."""
   tok = tok_lib.get_or_build_demo_tokenizer(str(tmp_path_factory.mktemp('tok')))
   cfg = MLLMConfig.from_dict(dict(
       llm=dict(vocab_size=-(-len(tok) // 8) * 8, hidden=32, depth=2, heads=4, kv_heads=2,
                mlp_dim=64),
-      vision=dict(kind='clip', image_size=16, patch_size=8, width=16, depth=2, heads=2,
-                  mlp_dim=32, feature_layer=-1),
+      vision=dict(kind='clip', image_size=16, patch_size=8, width=16, depth=vision_depth,
+                  heads=2, mlp_dim=32, feature_layer=-1),
       image_token_id=tok.convert_tokens_to_ids('<image>')))
-  task = preference.PreferenceTask(tok, split='train', image_size=16, num_image_tokens=4,
+  return cfg, tok
+
+
+def preference_task(tok, split):
+  return preference.PreferenceTask(tok, split=split, image_size=16, num_image_tokens=4,
                                    max_len=48)
-  return MLLM(cfg), task
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  cfg, tok = tiny_preference_config(tmp_path_factory)
+  return MLLM(cfg), preference_task(tok, 'train')
 
 
 def _state(model, mesh, tx):

@@ -11,10 +11,13 @@ import torch
 import transformers
 
 from mllm_jax import sharding as shd
-from mllm_jax.data import preference, tokenizer as tok_lib
+from mllm_jax.data import preference
 from mllm_jax.hf import CheckpointError, pretrained
 from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.train import reward, steps
+
+from test_dpo import preference_task, tiny_preference_config
+from test_train import mesh1
 
 
 def test_bt_loss_check_values():
@@ -32,22 +35,8 @@ def test_bt_loss_check_values():
 
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
-  tok = tok_lib.get_or_build_demo_tokenizer(str(tmp_path_factory.mktemp('tok')))
-  cfg = MLLMConfig.from_dict(dict(
-      llm=dict(vocab_size=-(-len(tok) // 8) * 8, hidden=32, depth=2, heads=4, kv_heads=2,
-               mlp_dim=64),
-      vision=dict(kind='clip', image_size=16, patch_size=8, width=16, depth=1, heads=2,
-                  mlp_dim=32, feature_layer=-1),
-      image_token_id=tok.convert_tokens_to_ids('<image>')))
-  task = preference.PreferenceTask(tok, split='train', image_size=16, num_image_tokens=4,
-                                   max_len=48)
-  eval_task = preference.PreferenceTask(tok, split='eval', image_size=16, num_image_tokens=4,
-                                        max_len=48)
-  return reward.RewardModel(cfg), task, eval_task
-
-
-def mesh1():
-  return shd.make_mesh({'fsdp': 1}, devices=jax.devices()[:1])
+  cfg, tok = tiny_preference_config(tmp_path_factory, vision_depth=1)
+  return reward.RewardModel(cfg), preference_task(tok, 'train'), preference_task(tok, 'eval')
 
 
 def _factory(model, mesh):
