@@ -29,6 +29,17 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
   raise ValueError(f'{n} tokens exceed the largest bucket {buckets[-1]}')
 
 
+def _empty_rows(rows, seq_len, max_images, image_shape, pad_id, *int_keys):
+  """Padding-filled batch buffers: text [rows, seq_len] (+ `int_keys`, zeros), image slots."""
+  out = {'input_ids': np.full((rows, seq_len), pad_id, np.int32),
+         'attention_mask': np.zeros((rows, seq_len), np.int32),
+         'loss_mask': np.zeros((rows, seq_len), np.float32)}
+  out.update({k: np.zeros((rows, seq_len), np.int32) for k in int_keys})
+  out.update(pixel_values=_pixels(rows, max_images, image_shape),
+             num_images=np.zeros((rows,), np.int32))
+  return out
+
+
 def _pixels(rows: int, max_images: int, image_shape) -> np.ndarray:
   return np.zeros((rows, max_images) + tuple(image_shape), np.float32)
 
@@ -44,12 +55,7 @@ def collate(samples: Sequence[dict], rows: int, seq_len: int, max_images: int, i
   """
   if pairs:
     return collate_pairs(samples, rows, seq_len, max_images, image_shape, pad_id)
-  out = {'input_ids': np.full((rows, seq_len), pad_id, np.int32),
-         'attention_mask': np.zeros((rows, seq_len), np.int32),
-         'loss_mask': np.zeros((rows, seq_len), np.float32),
-         'turn_ids': np.zeros((rows, seq_len), np.int32),
-         'pixel_values': _pixels(rows, max_images, image_shape),
-         'num_images': np.zeros((rows,), np.int32)}
+  out = _empty_rows(rows, seq_len, max_images, image_shape, pad_id, 'turn_ids')
   for r, s in enumerate(samples):
     n, k = len(s['input_ids']), len(s['pixel_values'])
     for key in TEXT_KEYS:
@@ -106,13 +112,7 @@ def collate_packed(bins: Sequence[Sequence[dict]], rows: int, seq_len: int, max_
   The loss mask stays each sample's own (a sample's first token is never a target, so no
   token is predicted across a boundary). A row's images are its samples' images in order.
   """
-  out = {'input_ids': np.full((rows, seq_len), pad_id, np.int32),
-         'attention_mask': np.zeros((rows, seq_len), np.int32),
-         'loss_mask': np.zeros((rows, seq_len), np.float32),
-         'segment_ids': np.zeros((rows, seq_len), np.int32),
-         'positions': np.zeros((rows, seq_len), np.int32),
-         'pixel_values': _pixels(rows, max_images, image_shape),
-         'num_images': np.zeros((rows,), np.int32)}
+  out = _empty_rows(rows, seq_len, max_images, image_shape, pad_id, 'segment_ids', 'positions')
   for r, samples in enumerate(bins):
     t = k = 0
     for seg, s in enumerate(samples, 1):
