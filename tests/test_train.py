@@ -236,3 +236,42 @@ def test_remat_policies_do_not_change_gradients(policy):
                       steps.make_train_step(model, tx, mask), tx, mask, batch)
   np.testing.assert_allclose(ref[0]['loss'], out[0]['loss'], rtol=1e-6)
   assert_grads_close(ref[1], out[1])
+
+
+class ArrayTask:
+  """Held-out examples from fixed in-memory arrays (`batch(start, n)` slices them)."""
+
+  def __init__(self, arrays):
+    self.arrays = arrays
+
+  def batch(self, start, n):
+    return {k: v[start:start + n] for k, v in self.arrays.items()}
+
+
+def test_evaluate_compiles_its_step_once_per_factory_and_model():
+  """The compiled eval step belongs to its factory (not to a module-level cache keyed by
+  id(factory), which CPython reuses once a factory is freed): every evaluation of a factory
+  reuses one compiled step, and a second model in the same process gets its own."""
+  import dataclasses
+  from mllm_jax.train import loop
+  rules, mesh = shd.logical_rules('fsdp_tp'), mesh1()
+  config = ml_collections.ConfigDict(dict(train=dict(eval_examples=8, eval_batch_size=4)))
+  batch = make_batch()
+  task = ArrayTask(batch)
+
+  def eval_loss(cfg):
+    model = MLLM(cfg)
+    factory = steps.StateFactory(model, mesh, rules)
+    params = factory.init_params(jax.random.key(0))
+    got = loop.evaluate(config, factory, params, task, mesh, rules)['eval/loss']
+    assert len(factory.compiled) == 1     # 2 batches: compiled once
+    logits = model.apply({'params': params}, batch['input_ids'], batch['pixel_values'],
+                         batch['attention_mask'])
+    want = losses.next_token_loss(logits, batch['input_ids'], batch['loss_mask'])
+    np.testing.assert_allclose(got, float(want['loss_sum'] / want['tokens']), rtol=1e-5)
+    return got
+
+  first = eval_loss(CFG)
+  # same parameter shapes, different function: a stale compiled step would run silently
+  second = eval_loss(dataclasses.replace(CFG, llm=dataclasses.replace(CFG.llm, rope_theta=50.0)))
+  assert abs(first - second) > 1e-4        # the two models really differ on this batch

@@ -243,25 +243,18 @@ class NonFiniteMonitor:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-_EVAL_CACHE: dict = {}
-
-
 def evaluate_preferences(config, factory, params, task, mesh, rules) -> dict:
   """Held-out pairs ranked right by the policy (log pi(chosen) > log pi(rejected)), plus the
   VQA metrics of the same model (DPO must not cost answer accuracy)."""
   from mllm_jax.train import dpo
   n, bs = config.train.eval_examples, config.train.eval_batch_size
   shd.check_batch_divisible(bs, mesh, 'config.train.eval_batch_size')
-  key = (id(factory), 'preference')
   totals = {'pairs': 0.0, 'ranked': 0.0}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for start in range(0, n, bs):
       b = task.batch(start, bs)
-      if key not in _EVAL_CACHE:
-        _EVAL_CACHE[key] = steps.jit_eval_step(dpo.preference_eval_step(factory.model),
-                                               factory.param_shardings, mesh,
-                                               {k: v.ndim for k, v in b.items()})
-      out = jax.device_get(_EVAL_CACHE[key](params, distributed.replicated_batch(b, mesh)))
+      eval_fn = factory.compiled_eval_step('preference', dpo.preference_eval_step, b)
+      out = jax.device_get(eval_fn(params, distributed.replicated_batch(b, mesh)))
       for k in totals:
         totals[k] += float(out[k])
   accuracy = {'eval/preference_accuracy': totals['ranked'] / max(totals['pairs'], 1)}
@@ -295,15 +288,11 @@ def evaluate(config, factory, params, task, mesh, rules) -> dict:
     return evaluate_preferences(config, factory, params, task, mesh, rules)
   n, bs = config.train.eval_examples, config.train.eval_batch_size
   shd.check_batch_divisible(bs, mesh, 'config.train.eval_batch_size')
-  eval_fn = _EVAL_CACHE.get(id(factory))
   totals: dict = {}
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for start in range(0, n, bs):
       b = {k: v for k, v in task.batch(start, bs).items() if k != 'num_images'}
-      if eval_fn is None:   # one compiled eval step per model, reused by every evaluation
-        eval_fn = _EVAL_CACHE[id(factory)] = steps.jit_eval_step(
-            steps.make_eval_step(factory.model), factory.param_shardings, mesh,
-            {k: v.ndim for k, v in b.items()})
+      eval_fn = factory.compiled_eval_step('sequence', steps.make_eval_step, b)
       out = jax.device_get(eval_fn(params, distributed.replicated_batch(b, mesh)))
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)

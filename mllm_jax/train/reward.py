@@ -156,9 +156,6 @@ def reward_eval_step(model: RewardModel):
   return fn
 
 
-_EVAL: dict = {}
-
-
 def evaluate_rewards(factory, params, task, examples: int, batch_size: int) -> dict:
   """Held-out pairwise accuracy and mean rewards of the first `examples` pairs of `task`."""
   from mllm_jax.train import steps
@@ -168,12 +165,8 @@ def evaluate_rewards(factory, params, task, examples: int, batch_size: int) -> d
   with jax.set_mesh(mesh), nn.logical_axis_rules(factory.rules):
     for start in range(0, examples, batch_size):
       b = task.batch(start, batch_size)
-      key = (id(factory), tuple(sorted(b)))
-      if key not in _EVAL:
-        _EVAL[key] = steps.jit_eval_step(reward_eval_step(factory.model),
-                                         factory.param_shardings, mesh,
-                                         {k: v.ndim for k, v in b.items()})
-      out = jax.device_get(_EVAL[key](params, shd.shard_batch(b, mesh)))
+      eval_fn = factory.compiled_eval_step('reward', reward_eval_step, b)
+      out = jax.device_get(eval_fn(params, shd.shard_batch(b, mesh)))
       for k, v in out.items():
         totals[k] = totals.get(k, 0.0) + float(v)
   n = max(totals['pairs'], 1)
@@ -184,13 +177,13 @@ def evaluate_rewards(factory, params, task, examples: int, batch_size: int) -> d
 
 def score_sequences(factory, params, input_ids, attention_mask, pixel_values=None):
   """Rewards [B] of ready-made sequences (numpy); jitted once per shape."""
-  key = (id(factory), 'score', pixel_values is None)
-  if key not in _EVAL:
-    _EVAL[key] = jax.jit(lambda p, i, m, x: factory.model.apply(
+  key = ('score', pixel_values is None)
+  if key not in factory.compiled:
+    factory.compiled[key] = jax.jit(lambda p, i, m, x: factory.model.apply(
         {'params': p}, input_ids=i, attention_mask=m, pixel_values=x))
   with jax.set_mesh(factory.mesh), nn.logical_axis_rules(factory.rules):
-    return np.asarray(jax.device_get(_EVAL[key](params, input_ids, attention_mask,
-                                                pixel_values)))
+    return np.asarray(jax.device_get(
+        factory.compiled[key](params, input_ids, attention_mask, pixel_values)))
 
 
 # ----------------------------------------------------------------------------------------------

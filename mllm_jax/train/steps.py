@@ -50,12 +50,22 @@ class StateFactory:
 
   def __init__(self, model: nn.Module, mesh, rules):
     self.model, self.mesh, self.rules = model, mesh, rules
+    self.compiled: dict = {}   # jitted eval steps of this model (`compiled_eval_step`)
     self.boxed = jax.eval_shape(
         lambda: model.init(jax.random.key(0), **init_inputs(model.cfg))['params'])
     self.param_shardings = shd.shardings_from_boxed(self.boxed, mesh, rules)
     self.abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), _unbox(self.boxed),
         self.param_shardings)
+
+  def compiled_eval_step(self, kind: str, make_step: Callable, batch) -> Callable:
+    """The jitted eval step `make_step(model)` for batches laid out like `batch`, compiled
+    once per factory, kind and batch layout (every evaluation of a run reuses it)."""
+    key = (kind, tuple(sorted((k, v.ndim) for k, v in batch.items())))
+    if key not in self.compiled:
+      self.compiled[key] = jit_eval_step(make_step(self.model), self.param_shardings, self.mesh,
+                                         {k: v.ndim for k, v in batch.items()})
+    return self.compiled[key]
 
   def init_params(self, rng):
     """Parameters created directly in their sharded layout (no host ever holds them whole)."""
