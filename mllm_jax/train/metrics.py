@@ -2,7 +2,9 @@
 
 Only the primary process writes (`enabled=False` elsewhere). On resume, lines logged after the
 checkpoint the run resumes from are dropped (they will be logged again), and so is a last line
-cut short by a killed process.
+cut short by a killed process; the new TensorBoard event file starts with a purge marker
+(SessionLog START at the first step to be logged again), so TensorBoard hides the earlier
+files' points from that step on instead of drawing both.
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ class MetricsWriter:
     self.enabled = enabled
     if not enabled:
       return
-    if os.path.exists(self.path):
+    resumed = os.path.exists(self.path)
+    if resumed:
       self._truncate_after(resume_step or 0)
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(logdir=workdir)
+    self.tb = SummaryWriter(logdir=workdir,
+                            purge_step=(resume_step or 0) + 1 if resumed else None)
     self.file = open(self.path, 'a')
 
   def _truncate_after(self, step: int):
