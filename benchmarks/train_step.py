@@ -6,8 +6,9 @@
 Both frameworks train the same architecture (benchmarks/common.py) in fp32 with AdamW (grad clip
 1.0, no weight decay) on the same batch (4 x 512 tokens, 196 image tokens each) with the same loss
 (mean next-token CE over the text tokens), with the same number of threads, in one process. Their
-steps alternate in turns (JAX x (1 + 2), torch x (1 + 2), ...; the first step of a turn is cold and
-untimed) so that load from other processes on a shared
+steps alternate in turns (JAX x (2 + 2), torch x (2 + 2), ...; the first two steps of a turn are
+untimed: after the other framework ran, the first step is ~2.5x and the second ~1.2x a steady
+step) so that load from other processes on a shared
 machine hits both alike; every step records how much CPU other processes used meanwhile and only
 clean steps (others <= 5% of the CPUs) enter the medians, unless none is clean.
 MFU = model FLOPs / step time / (best f32 GFLOP/s of a jitted square matmul measured in this run).
@@ -53,7 +54,10 @@ def parse_args(argv=None):
                  help='seconds after which no extra steps are added')
   p.add_argument('--matmul-size', type=int, default=4096)
   p.add_argument('--per-turn', type=int, default=2,
-                 help='timed steps per framework turn (each turn starts with an untimed step)')
+                 help='timed steps per framework turn (after --settle untimed ones)')
+  p.add_argument('--settle', type=int, default=2,
+                 help='untimed steps at the start of each turn (the steps just after the other '
+                      'framework ran are slow; training runs steps back to back)')
   p.add_argument('--attention-blocks', type=int, default=4,
                  help='config.model.attention_blocks of the JAX model (causal query blocks)')
   p.add_argument('--logits-chunk', type=int, default=0,
@@ -238,7 +242,7 @@ def main(argv=None):
         f'GLIBC_TUNABLES={os.environ.get("GLIBC_TUNABLES", "")!r}')
   print(f'batch {common.BATCH} x {common.SEQ} tokens ({common.num_image_tokens()} image tokens '
         f'per sample), fp32, AdamW; steps per framework: 1 compile/first + {args.warmup} warmup + '
-        f'{args.steps} timed, JAX and torch alternating in turns of 1 untimed + '
+        f'{args.steps} timed, JAX and torch alternating in turns of {args.settle} untimed + '
         f'{args.per_turn} timed')
   print(f'model FLOPs/step (fwd+bwd = 3x fwd): total {flops.total / 1e9:.1f} GFLOP '
         f'[vit matmul {flops.vit_matmul / 1e9:.1f}, vit attn {flops.vit_attention / 1e9:.1f}, '
@@ -276,10 +280,12 @@ def main(argv=None):
                              (enough or time.perf_counter() - t_start > args.budget)):
       break
     for name, r in runners:
-      # Training runs steps back to back: the first step after the other framework ran is a
-      # cold one (its buffers are re-faulted, its thread pool woken; measured ~0.7 s slower
-      # for JAX here), so each turn starts with one untimed step.
-      r.step()
+      # Training runs steps back to back, but the steps just after the other framework ran
+      # are slow (their buffers re-faulted, caches and thread pools cold): measured for JAX in
+      # one process, the 1st step after 3 torch steps 5.6-6.9 s, the 2nd 2.7-3.5 s, then
+      # 2.5 s. So each turn starts with `settle` untimed steps.
+      for _ in range(args.settle):
+        r.step()
       for _ in range(args.per_turn):
         with common.Timed() as t:
           r.step()
