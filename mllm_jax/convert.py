@@ -110,6 +110,9 @@ def blip_processor(config, cfg, tok, mean, std):
   else:
     resize = dict(size={'height': s, 'width': s}, do_center_crop=False)
   ip = transformers.BlipImageProcessorPil(image_mean=list(mean), image_std=list(std), **resize)
+  if config.data.get('pad_to_square'):
+    print('note: the run padded images to a square (config.data.pad_to_square); '
+          'BlipImageProcessor cannot, so pad images before the exported processor')
   image_id = tok.convert_tokens_to_ids('<image>')
   if image_id != cfg.image_token_id:   # the processor looks the image token up by this name
     raise ValueError(f'the run\'s tokenizer maps "<image>" to {image_id}, the model\'s '

@@ -3,7 +3,9 @@ locally with random weights (inputs from transformers' own processors), export r
 BLIP-2 EVA tower, OPT / T5 text models rejected, 1- vs 8-device equality of a train step, the
 frozen-ViT/LLM pretrain step, Q-Former inputs from the built-in task, the shipped configs, and
 the demo learning."""
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import re
@@ -468,3 +470,52 @@ def test_blip2_processor_for_a_square_resize_run(instructblip_run, tmp_path):
   np.testing.assert_allclose(   # our 'blip' image processor reads its config and matches it
       inputs['pixel_values'].transpose(0, 2, 3, 1),
       image_lib.ImageProcessor.from_hf(ip.to_dict())(pics)['pixel_values'], atol=1e-6)
+
+
+def test_generate_cli_gives_instructblip_its_instruction(instructblip_run, tmp_path):
+  """`python -m mllm_jax.generate` on the run and on its export: the Q-Former reads the prompt
+  (or `--instruction`) tokenised with the model's own Q-Former tokenizer; the run's answer is
+  the API's with those inputs, the export's is transformers' (processor + generate)."""
+  from mllm_jax import generate as gen
+  workdir, out, qtok = instructblip_run
+  pic = Image.fromarray(np.random.RandomState(5).randint(0, 255, (30, 40, 3), dtype=np.uint8))
+  pic.save(tmp_path / 'img.png')
+  model, params, tok, run_images = gen.load_for_generation(checkpoint=str(workdir))
+  stops, n = tok_lib.stop_token_ids(tok), 6
+
+  def cli(*args):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      gen.main(list(args) + ['--image', str(tmp_path / 'img.png'), '--prompt', PROMPTS[0],
+                             '--max-new-tokens', str(n)])
+    return buf.getvalue().strip()
+
+  def api(instruction):
+    q = np.asarray([qtok(instruction)['input_ids']], np.int32)
+    new = gen.generate(model, params, gen.prompt_ids(model, tok, PROMPTS[0], 1), None,
+                       run_images([pic])['pixel_values'], max_new_tokens=n, stop_tokens=stops,
+                       pad_token_id=tok.pad_token_id, qformer_input_ids=q,
+                       qformer_attention_mask=np.ones_like(q))
+    return tok.decode(np.asarray(new)[0], skip_special_tokens=True).strip()
+
+  answers = {t: api(t) for t in PROMPTS}
+  other = [t for t in PROMPTS if answers[t] != answers[PROMPTS[0]]]
+  assert other, answers   # the instruction changes the answer, so the checks below can fail
+  assert cli('--checkpoint', str(workdir)) == answers[PROMPTS[0]]
+  assert cli('--checkpoint', str(workdir), '--instruction', other[0]) == answers[other[0]]
+
+  hf = transformers.InstructBlipForConditionalGeneration.from_pretrained(
+      out, attn_implementation='eager').eval()
+  proc = transformers.AutoProcessor.from_pretrained(out)
+  text = tok.apply_chat_template([{'role': 'user', 'content': PROMPTS[0]}], tokenize=False,
+                                 add_generation_prompt=True)
+  for instruction in (PROMPTS[0], other[0]):
+    inputs = dict(proc(images=[pic], text=[text], return_tensors='np'))
+    q = proc.qformer_tokenizer([instruction], return_tensors='np')
+    inputs.update(qformer_input_ids=q['input_ids'], qformer_attention_mask=q['attention_mask'])
+    with torch.no_grad():
+      ref = hf.generate(**torch_inputs(inputs), max_new_tokens=n, do_sample=False,
+                        eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    ref = tok.decode(ref[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True).strip()
+    args = ['--instruction', instruction] if instruction != PROMPTS[0] else []
+    assert cli('--hf', str(out), *args) == ref
