@@ -325,6 +325,10 @@ def test_task_gives_instructions_and_query_sized_images(demo_tokenizer):
   cap = loop.make_task(c, demo_tokenizer, mcfg, 'caption', 'train').batch(0, 2)
   assert demo_tokenizer.decode(cap['qformer_input_ids'][0, :cap['qformer_attention_mask'][0].sum()]
                                ) == synthetic.CAPTION_INSTRUCTION
+  # the training job's preference pairs (task 'dpo') carry the instruction too (test_dpo.py)
+  pairs = loop.make_task(c, demo_tokenizer, mcfg, 'dpo', 'train').batch(0, 2)
+  assert pairs['qformer_input_ids'].shape == (2, c.data.qformer_max_len)
+  assert pairs['qformer_attention_mask'][:, 0].all()
   short = synthetic.SyntheticTask(demo_tokenizer, num_image_tokens=16,
                                   qformer_tokenizer=demo_tokenizer, qformer_max_len=2)
   with pytest.raises(ValueError, match='sample 0 .*qformer_max_len=2'):
