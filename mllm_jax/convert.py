@@ -6,9 +6,11 @@
 --from-hf writes CKPT/params (orbax) and CKPT/mllm_jax_model.json; a training run starts from it
 with `--config.model.init_from=CKPT`. --to-hf reads such a checkpoint, or a training workdir
 (its latest checkpoint; the model comes from the run's saved config) and writes config.json +
-safetensors that transformers loads. For a training run it also writes the run's tokenizer and,
-for LLaVA models, a processor (image normalisation of `config.data.image_norm`), so
-`AutoProcessor` / `AutoTokenizer.from_pretrained(HF_DIR)` work.
+safetensors that transformers loads. For a training run it also writes the run's tokenizer and a
+processor with the run's image preprocessing (`config.data.image_norm`): LLaVA's, or for a
+Q-Former run BLIP-2's / InstructBLIP's (`num_query_tokens`; InstructBLIP's also with the
+Q-Former's tokenizer in `qformer_tokenizer/`), so `AutoProcessor` /
+`AutoTokenizer.from_pretrained(HF_DIR)` work.
 """
 from __future__ import annotations
 
@@ -56,19 +58,31 @@ def to_hf(src: str, out: str, dtype: str | None, max_shard_size: int):
   print(f'Wrote {out} ({api.hf_config_for(model)[0]})')
 
 
+def run_config(src):
+  """The training config (ConfigDict) saved with the latest checkpoint of a training run."""
+  import ml_collections
+  from mllm_jax.hf.pretrained import _train_step_dir
+  with open(os.path.join(_train_step_dir(src), 'meta', 'metadata')) as f:
+    return ml_collections.ConfigDict(json.load(f)['config'])
+
+
 def save_tokenizer_and_processor(src, tok_dir, cfg, out):
-  """The run's tokenizer, and for LLaVA a processor with the run's image normalisation."""
+  """The run's tokenizer, and the processor transformers pairs with the exported model:
+  LLaVA's, or for a Q-Former connector BLIP-2's / InstructBLIP's (`blip_processor`), with the
+  run's image preprocessing (`config.data.image_norm`)."""
   import transformers
   from mllm_jax.data import images
-  from mllm_jax.hf.pretrained import _train_step_dir
   tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
   tok.save_pretrained(out)
   v = getattr(cfg, 'vision', None)
   if v is None or cfg.image_grid_pinpoints:
     return
-  with open(os.path.join(_train_step_dir(src), 'meta', 'metadata')) as f:
-    norm = json.load(f)['config']['data']['image_norm']
+  config = run_config(src)
+  norm = config.data.image_norm
   mean, std = images.NORMALIZATION[norm]
+  if cfg.connector.kind == 'qformer':
+    blip_processor(config, cfg, tok, mean, std).save_pretrained(out)
+    return
   ip = transformers.CLIPImageProcessorPil(
       size={'shortest_edge': v.image_size}, crop_size={'height': v.image_size,
                                                       'width': v.image_size},
@@ -78,6 +92,37 @@ def save_tokenizer_and_processor(src, tok_dir, cfg, out):
       vision_feature_select_strategy='default' if v.feature_select == 'patch' else 'full',
       num_additional_image_tokens=1 if v.has_cls else 0, chat_template=tok.chat_template)
   proc.save_pretrained(out)
+
+
+def blip_processor(config, cfg, tok, mean, std):
+  """transformers' Blip2Processor / InstructBlipProcessor for a Q-Former run: a
+  BlipImageProcessor doing the run's resize (image_norm 'clip': shortest edge + centre crop;
+  'siglip': to a square) and normalisation, the run's tokenizer, `num_query_tokens` and, for an
+  instruction-aware Q-Former, its tokenizer (`config.data.qformer_tokenizer`, '' = the LLM's;
+  saved in `qformer_tokenizer/`). The processor puts the query tokens in front of the
+  tokenised text, which the exported model accepts wherever its image tokens are."""
+  import transformers
+  from mllm_jax.train import loop
+  s = cfg.vision.image_size
+  if config.data.image_norm == 'clip':
+    resize = dict(size={'shortest_edge': s}, do_center_crop=True,
+                  crop_size={'height': s, 'width': s})
+  else:
+    resize = dict(size={'height': s, 'width': s}, do_center_crop=False)
+  ip = transformers.BlipImageProcessorPil(image_mean=list(mean), image_std=list(std), **resize)
+  if config.data.get('pad_to_square'):
+    print('note: the run padded images to a square (config.data.pad_to_square); '
+          'BlipImageProcessor cannot, so pad images before the exported processor')
+  image_id = tok.convert_tokens_to_ids('<image>')
+  if image_id != cfg.image_token_id:   # the processor looks the image token up by this name
+    raise ValueError(f'the run\'s tokenizer maps "<image>" to {image_id}, the model\'s '
+                     f'image_token_id is {cfg.image_token_id}: the processor would put other '
+                     'tokens where the model expects the image')
+  q = cfg.connector.qformer
+  if not q.instruction:
+    return transformers.Blip2Processor(ip, tok, num_query_tokens=q.num_queries)
+  qtok = loop.load_qformer_tokenizer(config, tok)
+  return transformers.InstructBlipProcessor(ip, tok, qtok, num_query_tokens=q.num_queries)
 
 
 def main(argv=None):

@@ -302,13 +302,13 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     import transformers
     model, params = mllm_jax.load_hf(hf)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
-    pp = os.path.join(hf, 'preprocessor_config.json')
-    if os.path.exists(pp):
-      with open(pp) as f:
-        processor = image_lib.ImageProcessor.from_hf(json.load(f))
+    pp = hf_image_processor_config(hf)
+    if pp is not None:
+      processor = image_lib.ImageProcessor.from_hf(pp)
     else:
       processor = None if model.cfg.vision is None else image_lib.ImageProcessor(
-          'clip', size=model.cfg.vision.image_size, crop_size=model.cfg.vision.image_size)
+          'blip' if model.cfg.connector.kind == 'qformer' else 'clip',
+          size=model.cfg.vision.image_size, crop_size=model.cfg.vision.image_size)
     return model, params, tokenizer, processor
   from mllm_jax import sharding as shd
   from mllm_jax.hf import pretrained
@@ -335,8 +335,76 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
   return model, params, tokenizer, processor
 
 
-def prompt_ids(model, tokenizer, prompt: str, n_images: int, image_token: str = '<image>'):
-  """User turn (image tags first) through the chat template, image tags expanded -> [1, T]."""
+def hf_image_processor_config(hf: str) -> dict | None:
+  """The image processor settings of an HF directory: `preprocessor_config.json`, or the
+  `image_processor` entry of `processor_config.json` (where transformers 5.x processors save
+  them); None if neither is there."""
+  import json
+  import os
+  pp = os.path.join(hf, 'preprocessor_config.json')
+  if os.path.exists(pp):
+    with open(pp) as f:
+      return json.load(f)
+  pc = os.path.join(hf, 'processor_config.json')
+  if os.path.exists(pc):
+    with open(pc) as f:
+      return json.load(f).get('image_processor')
+  return None
+
+
+def needs_instruction(model) -> bool:
+  """Whether the model's Q-Former reads an instruction (InstructBLIP)."""
+  c = model.cfg.connector
+  return model.cfg.vision is not None and c.kind == 'qformer' and c.qformer.instruction
+
+
+def load_qformer_tokenizer(checkpoint: str | None = None, hf: str | None = None, tokenizer=None):
+  """The tokenizer of an instruction-aware Q-Former's input, as the model was trained with it:
+  a training run's `config.data.qformer_tokenizer` ('' = its LLM tokenizer, `tokenizer`), or
+  an HF directory's `qformer_tokenizer/` (where InstructBlipProcessor saves it)."""
+  import json
+  import os
+  if hf is not None:
+    import transformers
+    sub = os.path.join(hf, 'qformer_tokenizer')
+    if not os.path.isdir(sub):
+      raise ValueError(f'{hf}: an InstructBLIP model needs its Q-Former tokenizer in '
+                       f'{sub} (as InstructBlipProcessor.save_pretrained writes it)')
+    return transformers.AutoTokenizer.from_pretrained(sub)
+  import ml_collections
+  from mllm_jax.hf import pretrained
+  from mllm_jax.train import loop
+  step_dir = pretrained._train_step_dir(checkpoint)
+  if step_dir is None:
+    raise ValueError(f'{checkpoint}: not a training run, so no Q-Former tokenizer is known')
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    config = ml_collections.ConfigDict(json.load(f)['config'])
+  return loop.load_qformer_tokenizer(config, tokenizer)
+
+
+def instruction_inputs(model, qformer_tokenizer, text: str, n_images: int) -> dict:
+  """InstructBLIP's Q-Former input for one prompt: `text` tokenised with the Q-Former's
+  tokenizer as InstructBlipProcessor does (special tokens, no truncation), one row per image
+  -> {'qformer_input_ids', 'qformer_attention_mask'} int32 [n_images, L]."""
+  ids = qformer_tokenizer(text)['input_ids']
+  limit = model.cfg.connector.qformer.max_position
+  if len(ids) > limit:
+    raise ValueError(f'the Q-Former instruction has {len(ids)} tokens > its max_position='
+                     f'{limit}: shorten --instruction (default: the prompt)')
+  ids = np.repeat(np.asarray([ids], np.int32), max(n_images, 1), 0)
+  return {'qformer_input_ids': ids, 'qformer_attention_mask': np.ones_like(ids)}
+
+
+def prompt_ids(model, tokenizer, prompt: str, n_images: int, image_token: str = '<image>',
+               images_first: bool = False):
+  """User turn (image tags first) through the chat template, image tags expanded -> [1, T].
+
+  `images_first`: the image tokens go in front of the whole tokenised prompt instead, as
+  transformers' Blip2Processor / InstructBlipProcessor put them (before BOS)."""
+  if images_first and n_images:
+    body = prompt_ids(model, tokenizer, prompt, 0, image_token)[0]
+    per = tokens_per_image(model) * n_images
+    return np.concatenate([np.full(per, model.cfg.image_token_id, np.int32), body])[None]
   content = (image_token + '\n') * n_images + prompt
   if tokenizer.chat_template:
     text = tokenizer.apply_chat_template([{'role': 'user', 'content': content}], tokenize=False,
@@ -361,6 +429,8 @@ def main(argv=None):
   src.add_argument('--hf', help='Hugging Face model directory (LLaVA, Llama, Qwen2, ...)')
   ap.add_argument('--image', action='append', default=[], help='image file (repeatable)')
   ap.add_argument('--prompt', required=True)
+  ap.add_argument('--instruction', default=None,
+                  help="InstructBLIP: the Q-Former's instruction (default: the prompt)")
   ap.add_argument('--max-new-tokens', type=int, default=64)
   ap.add_argument('--temperature', type=float, default=0.0)
   ap.add_argument('--top-k', type=int, default=0)
@@ -376,13 +446,24 @@ def main(argv=None):
     if processor is None:
       raise SystemExit('--image given but the model has no vision tower')
     pixel_values = processor([Image.open(p) for p in args.image])['pixel_values']
-  ids = prompt_ids(model, tokenizer, args.prompt, len(args.image))
+  # An HF BLIP-2 / InstructBLIP model saw its image tokens in front of the prompt (the
+  # processor's layout); our runs saw them where the image tags were in the conversation.
+  ids = prompt_ids(model, tokenizer, args.prompt, len(args.image),
+                   images_first=args.hf is not None and model.cfg.connector.kind == 'qformer')
+  qformer = {}
+  if args.instruction is not None and not needs_instruction(model):
+    raise SystemExit('--instruction is for models with an instruction-aware Q-Former '
+                     '(InstructBLIP)')
+  if needs_instruction(model) and args.image:
+    qtok = load_qformer_tokenizer(args.checkpoint, args.hf, tokenizer)
+    text = args.prompt if args.instruction is None else args.instruction
+    qformer = instruction_inputs(model, qtok, text, len(args.image))
   out = generate(model, params, ids, None, pixel_values, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                  stop_tokens=tok_lib.stop_token_ids(tokenizer),
                  pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
                  vcd_alpha=args.vcd_alpha, vcd_beta=args.vcd_beta,
-                 vcd_noise_step=args.vcd_noise_step)
+                 vcd_noise_step=args.vcd_noise_step, **qformer)
   print(tokenizer.decode(np.asarray(out)[0], skip_special_tokens=True).strip())
 
 

@@ -59,17 +59,21 @@ def setup(tmp_path_factory):
   return MLLM(cfg), preference_task(tok, 'train')
 
 
-def _state(model, mesh, tx):
+def _state(model, mesh, tx, params=None):
   factory = steps.StateFactory(model, mesh, shd.logical_rules('fsdp_tp'))
-  params = factory.init_params(jax.random.key(0))
+  params = factory.init_params(jax.random.key(0)) if params is None else jax.device_put(
+      params, factory.param_shardings)
   mask = factory.mask('.*', 'trainable')
   return factory, factory.create_state(params, tx, mask), mask
 
 
-def _run(model, task, mesh, reference='model', batch=None, accum=1):
+def _run(model, task, mesh, reference='model', batch=None, accum=1, params=None, ref=None):
+  """One DPO step (sgd 1.0, beta 0.1, gamma 0.5, sigmoid) from `params` (default: init key 0)
+  against `ref` (default: init key 1) -> (metrics, new params)."""
   tx = optax.sgd(1.0)
-  factory, state, mask = _state(model, mesh, tx)
-  ref = factory.init_params(jax.random.key(1))        # a reference unlike the policy
+  factory, state, mask = _state(model, mesh, tx, params=params)
+  ref = factory.init_params(jax.random.key(1)) if ref is None else jax.device_put(
+      ref, factory.param_shardings)                   # a reference unlike the policy
   host = batch or task.batch(0, 8)
   if reference == 'precomputed':
     host = dict(jax.device_get(jax.jit(lambda p, b: dpo.precompute_reference_logps(
@@ -188,3 +192,65 @@ def test_dpo_stage_runs_saves_its_reference_and_resumes(tmp_path):
   assert (tmp_path / 'reference_dpo' / 'params').is_dir()
   res = loop.run(load_config(os.path.join(ROOT, 'configs', 'demo_dpo.py'), over), str(tmp_path))
   assert res['eval/preference_accuracy'] == evals[-1]['eval/preference_accuracy']
+
+
+def tiny_instructblip_config(tok):
+  """A tiny InstructBLIP-style model (BLIP-2 tower, instruction-aware Q-Former reading the demo
+  tokenizer's ids, 4 queries per image) on the demo tokenizer."""
+  vocab = -(-len(tok) // 8) * 8
+  return MLLMConfig.from_dict(dict(
+      llm=dict(vocab_size=vocab, hidden=32, depth=2, heads=4, kv_heads=2, mlp_dim=64),
+      vision=dict(kind='blip2', image_size=16, patch_size=8, width=16, depth=1, heads=2,
+                  mlp_dim=32, feature_layer=-1, feature_select='full'),
+      connector=dict(kind='qformer', qformer=dict(
+          num_queries=4, hidden=16, depth=1, heads=2, mlp_dim=32, cross_attention_every=1,
+          instruction=True, vocab_size=vocab, max_position=16)),
+      image_token_id=tok.convert_tokens_to_ids('<image>')))
+
+
+def instructblip_preference_task(tok, split='train'):
+  return preference.PreferenceTask(tok, split=split, image_size=16, num_image_tokens=4,
+                                   max_len=48, qformer_tokenizer=tok, qformer_max_len=16)
+
+
+def test_instructblip_dpo_step_reads_the_instruction(setup):
+  """Preference pairs carry the Q-Former instruction (the question, as SFT builds it) shared by
+  chosen and rejected, and the DPO step's loss is the formula on per-sequence log-probs of the
+  model called with it."""
+  tok = setup[1].tokenizer
+  model = MLLM(tiny_instructblip_config(tok))
+  task = instructblip_preference_task(tok)
+  b = task.batch(0, 4)
+  for row, index in enumerate(task.usable(0, 4)[0]):
+    sample, _, _ = task.pair(index, with_image=False)
+    n = b['qformer_attention_mask'][row].sum()
+    assert tok.decode(b['qformer_input_ids'][row, :n]) == sample.messages[0]['content'].split(
+        '\n')[-1]
+    assert (b['qformer_input_ids'][row, n:] == tok.pad_token_id).all()
+  factory = steps.StateFactory(model, mesh1(), shd.logical_rules('fsdp_tp'))
+  policy = jax.device_get(factory.init_params(jax.random.key(0)))
+  ref = jax.tree.map(lambda x: 0.9 * x, policy)       # a reference unlike the policy
+  metrics, _ = _run(model, task, mesh1(), batch=b, params=policy, ref=ref)
+  fwd = jax.jit(lambda p, kw: model.apply({'params': p}, **kw))
+
+  def logps(params, side, instruction):
+    logits = np.asarray(fwd(params, dict(
+        input_ids=b[f'{side}_input_ids'], attention_mask=b[f'{side}_attention_mask'],
+        pixel_values=b['pixel_values'], **instruction)), np.float64)[:, :-1]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    logp = np.take_along_axis(logp, b[f'{side}_input_ids'][:, 1:, None], -1)[..., 0]
+    return (logp * b[f'{side}_loss_mask'][:, 1:]).sum(-1)
+
+  def loss(instruction):
+    (pc, pr), (rc, rr) = ([logps(p, s, instruction) for s in dpo.SIDES] for p in (policy, ref))
+    h = (pc - rc) - (pr - rr)
+    sft = -pc.sum() / b['chosen_loss_mask'][:, 1:].sum()
+    return np.mean(np.log1p(np.exp(-0.1 * h))) + 0.5 * sft   # -log s(beta h), gamma CE
+
+  given = {k: b[k] for k in ('qformer_input_ids', 'qformer_attention_mask')}
+  np.testing.assert_allclose(metrics['loss'], loss(given), rtol=1e-5)
+  # the instruction reaches the log-probs: other pairs' instructions, other values
+  rolled = {k: np.roll(v, 1, 0) for k, v in given.items()}
+  change = np.abs(logps(policy, 'chosen', rolled) - logps(policy, 'chosen', given)).max()
+  assert change > 1e-3, change

@@ -3,8 +3,12 @@ locally with random weights (inputs from transformers' own processors), export r
 BLIP-2 EVA tower, OPT / T5 text models rejected, 1- vs 8-device equality of a train step, the
 frozen-ViT/LLM pretrain step, Q-Former inputs from the built-in task, the shipped configs, and
 the demo learning."""
+import contextlib
+import dataclasses
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -320,6 +324,10 @@ def test_task_gives_instructions_and_query_sized_images(demo_tokenizer):
   cap = loop.make_task(c, demo_tokenizer, mcfg, 'caption', 'train').batch(0, 2)
   assert demo_tokenizer.decode(cap['qformer_input_ids'][0, :cap['qformer_attention_mask'][0].sum()]
                                ) == synthetic.CAPTION_INSTRUCTION
+  # the training job's preference pairs (task 'dpo') carry the instruction too (test_dpo.py)
+  pairs = loop.make_task(c, demo_tokenizer, mcfg, 'dpo', 'train').batch(0, 2)
+  assert pairs['qformer_input_ids'].shape == (2, c.data.qformer_max_len)
+  assert pairs['qformer_attention_mask'][:, 0].all()
   short = synthetic.SyntheticTask(demo_tokenizer, num_image_tokens=16,
                                   qformer_tokenizer=demo_tokenizer, qformer_max_len=2)
   with pytest.raises(ValueError, match='sample 0 .*qformer_max_len=2'):
@@ -360,3 +368,161 @@ def test_demo_qformer_learns_through_the_cli(tmp_path):
     metrics = [json.loads(line) for line in f]
   evals = [m for m in metrics if 'eval/accuracy' in m]
   assert evals[-1]['step'] == 300 and evals[-1]['eval/accuracy'] > 0.5, evals
+
+
+# ----------------------------------------------------------------------------------------------
+# A training run's export (processor) and the generate CLI
+# ----------------------------------------------------------------------------------------------
+RUN = {'model.llm.depth': 1, 'model.llm.hidden': 32, 'model.llm.mlp_dim': 64,
+       'model.llm.heads': 2, 'model.llm.kv_heads': 1, 'model.vision.depth': 1,
+       'model.vision.width': 32, 'model.vision.heads': 2, 'model.vision.mlp_dim': 64,
+       'model.vision.image_size': 16, 'model.connector.qformer.num_queries': 4,
+       'model.connector.qformer.hidden': 32, 'model.connector.qformer.depth': 1,
+       'model.connector.qformer.heads': 2, 'model.connector.qformer.mlp_dim': 64,
+       'train.stages': 'sft', 'sft.steps': 1, 'sft.batch_size': 8, 'train.eval_examples': 8,
+       'train.eval_batch_size': 8, 'train.progress_bar': False, 'data.max_len': 64}
+PROMPTS = ['what colour is the circle ?', 'how many shapes are there ?', 'describe it']
+
+
+def bert_tokenizer(path):
+  """A real BERT WordPiece tokenizer (InstructBLIP's Q-Former tokenizer class: lower case,
+  [CLS] ... [SEP]) over the scenes task's and the test prompts' words, saved in `path`."""
+  texts = tok_lib.demo_corpus(200) + PROMPTS
+  words = sorted({w for t in texts for w in re.findall(r'\w+|[^\w\s]', t.lower())})
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
+  transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope='module')
+def instructblip_run(tmp_path_factory):
+  """A tiny InstructBLIP run (configs/demo_qformer.py, one SFT step) whose Q-Former reads a
+  BERT tokenizer of its own, and its `convert --to-hf` export: (workdir, hf dir, Q-Former
+  tokenizer)."""
+  from mllm_jax import convert
+  root = tmp_path_factory.mktemp('instructblip_run')
+  qtok = bert_tokenizer(str(root / 'qformer_tokenizer'))
+  over = dict(RUN, **{'data.qformer_tokenizer': str(root / 'qformer_tokenizer')})
+  loop.run(load_config(os.path.join(CONFIGS, 'demo_qformer.py'), over), str(root / 'run'))
+  convert.main(['--to-hf', str(root / 'run'), '--out', str(root / 'hf')])
+  return root / 'run', root / 'hf', qtok
+
+
+def processor_logits_match(proc, hf, model, params, pics):
+  """The processor's inputs run through the transformers model and give our model's logits."""
+  inputs = dict(proc(images=pics, text=PROMPTS, return_tensors='np', padding=True))
+  assert (inputs['input_ids'][:, :model.cfg.image_tokens] == model.cfg.image_token_id).all()
+  with torch.no_grad():
+    ref = hf(**torch_inputs(inputs)).logits.numpy()
+  assert_close(jax.jit(lambda p, kw: model.apply({'params': p}, **kw))(params, inputs), ref,
+               inputs['attention_mask'])
+  return inputs
+
+
+def test_convert_writes_the_instructblip_processor_of_the_run(instructblip_run):
+  from mllm_jax import generate as gen
+  workdir, out, qtok = instructblip_run
+  proc = transformers.AutoProcessor.from_pretrained(out)
+  assert type(proc) is transformers.InstructBlipProcessor and proc.num_query_tokens == 4
+  model, params, tok, run_images = gen.load_for_generation(checkpoint=str(workdir))
+  assert proc.tokenizer.convert_tokens_to_ids('<image>') == model.cfg.image_token_id
+  assert len(proc.tokenizer) == len(tok) and proc.qformer_tokenizer.get_vocab() == qtok.get_vocab()
+  hf = transformers.InstructBlipForConditionalGeneration.from_pretrained(
+      out, attn_implementation='eager').eval()
+  pics = [Image.fromarray(np.random.RandomState(i).randint(0, 255, s + (3,), dtype=np.uint8))
+          for i, s in enumerate(((40, 30), (16, 16), (20, 50)))]
+  inputs = processor_logits_match(proc, hf, model, params, pics)
+  # the run's own image preprocessing (shortest edge, centre crop, its normalisation) ...
+  np.testing.assert_allclose(inputs['pixel_values'].transpose(0, 2, 3, 1),
+                             run_images(pics)['pixel_values'], atol=1e-6)
+  # ... and the instruction tokenised with the run's Q-Former tokenizer, as its SFT data was
+  assert inputs['qformer_attention_mask'].min() == 0
+  for row, text in enumerate(PROMPTS):
+    ids = qtok(text)['input_ids']
+    assert ids[0] == qtok.cls_token_id and 1 not in ids   # [CLS] ..., no [UNK]
+    np.testing.assert_array_equal(inputs['qformer_input_ids'][row, :len(ids)], ids)
+
+
+def test_blip2_processor_for_a_square_resize_run(instructblip_run, tmp_path):
+  """A BLIP-2 (no instruction) model with image_norm='siglip' (resize to a square) gets a
+  Blip2Processor whose inputs run through Blip2ForConditionalGeneration."""
+  from mllm_jax import convert, generate as gen
+  from mllm_jax.data import images as image_lib
+  workdir, _, _ = instructblip_run
+  config = convert.run_config(str(workdir))
+  config.model.connector.qformer.instruction = False
+  config.data.image_norm = 'siglip'
+  cfg, tok_dir = mllm_jax.hf.pretrained.saved_model_config(str(workdir))
+  cfg = dataclasses.replace(cfg, connector=dataclasses.replace(
+      cfg.connector, qformer=dataclasses.replace(cfg.connector.qformer, instruction=False)))
+  model = MLLM(cfg)
+  # the run's parameters without those of the instruction input make a BLIP-2 Q-Former
+  drop = lambda t: {k: drop(v) for k, v in t.items() if k not in (
+      'word_embeddings', 'position_embeddings', 'text_ffn')} if isinstance(t, dict) else t
+  params = gen.load_for_generation(checkpoint=str(workdir))[1]
+  params = dict(params, connector=drop(params['connector']))
+  mllm_jax.save_hf(model, params, str(tmp_path))
+  tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+  mean, std = image_lib.NORMALIZATION['siglip']
+  convert.blip_processor(config, cfg, tok, mean, std).save_pretrained(tmp_path)
+  proc = transformers.AutoProcessor.from_pretrained(tmp_path)
+  assert type(proc) is transformers.Blip2Processor and proc.num_query_tokens == 4
+  ip = proc.image_processor
+  assert ip.size == {'height': 16, 'width': 16} and not ip.do_center_crop
+  pics = [Image.fromarray(np.random.RandomState(i).randint(0, 255, s + (3,), dtype=np.uint8))
+          for i, s in enumerate(((40, 30), (16, 16), (20, 50)))]
+  hf = transformers.Blip2ForConditionalGeneration.from_pretrained(
+      tmp_path, attn_implementation='eager').eval()
+  inputs = processor_logits_match(proc, hf, model, params, pics)
+  np.testing.assert_allclose(   # our 'blip' image processor reads its config and matches it
+      inputs['pixel_values'].transpose(0, 2, 3, 1),
+      image_lib.ImageProcessor.from_hf(ip.to_dict())(pics)['pixel_values'], atol=1e-6)
+
+
+def test_generate_cli_gives_instructblip_its_instruction(instructblip_run, tmp_path):
+  """`python -m mllm_jax.generate` on the run and on its export: the Q-Former reads the prompt
+  (or `--instruction`) tokenised with the model's own Q-Former tokenizer; the run's answer is
+  the API's with those inputs, the export's is transformers' (processor + generate)."""
+  from mllm_jax import generate as gen
+  workdir, out, qtok = instructblip_run
+  pic = Image.fromarray(np.random.RandomState(5).randint(0, 255, (30, 40, 3), dtype=np.uint8))
+  pic.save(tmp_path / 'img.png')
+  model, params, tok, run_images = gen.load_for_generation(checkpoint=str(workdir))
+  stops, n = tok_lib.stop_token_ids(tok), 6
+
+  def cli(*args):
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      gen.main(list(args) + ['--image', str(tmp_path / 'img.png'), '--prompt', PROMPTS[0],
+                             '--max-new-tokens', str(n)])
+    return buf.getvalue().strip()
+
+  def api(instruction):
+    q = np.asarray([qtok(instruction)['input_ids']], np.int32)
+    new = gen.generate(model, params, gen.prompt_ids(model, tok, PROMPTS[0], 1), None,
+                       run_images([pic])['pixel_values'], max_new_tokens=n, stop_tokens=stops,
+                       pad_token_id=tok.pad_token_id, qformer_input_ids=q,
+                       qformer_attention_mask=np.ones_like(q))
+    return tok.decode(np.asarray(new)[0], skip_special_tokens=True).strip()
+
+  answers = {t: api(t) for t in PROMPTS}
+  other = [t for t in PROMPTS if answers[t] != answers[PROMPTS[0]]]
+  assert other, answers   # the instruction changes the answer, so the checks below can fail
+  assert cli('--checkpoint', str(workdir)) == answers[PROMPTS[0]]
+  assert cli('--checkpoint', str(workdir), '--instruction', other[0]) == answers[other[0]]
+
+  hf = transformers.InstructBlipForConditionalGeneration.from_pretrained(
+      out, attn_implementation='eager').eval()
+  proc = transformers.AutoProcessor.from_pretrained(out)
+  text = tok.apply_chat_template([{'role': 'user', 'content': PROMPTS[0]}], tokenize=False,
+                                 add_generation_prompt=True)
+  for instruction in (PROMPTS[0], other[0]):
+    inputs = dict(proc(images=[pic], text=[text], return_tensors='np'))
+    q = proc.qformer_tokenizer([instruction], return_tensors='np')
+    inputs.update(qformer_input_ids=q['input_ids'], qformer_attention_mask=q['attention_mask'])
+    with torch.no_grad():
+      ref = hf.generate(**torch_inputs(inputs), max_new_tokens=n, do_sample=False,
+                        eos_token_id=stops, pad_token_id=tok.pad_token_id)
+    ref = tok.decode(ref[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True).strip()
+    args = ['--instruction', instruction] if instruction != PROMPTS[0] else []
+    assert cli('--hf', str(out), *args) == ref

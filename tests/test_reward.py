@@ -77,10 +77,12 @@ def test_reward_is_read_at_the_last_non_pad_token_with_left_or_right_padding(set
   np.testing.assert_allclose(left, right, rtol=1e-5, atol=1e-6)
 
 
-def _step(model, mesh, host, steps_=1, lr=1.0, tx=None, factory=None):
+def _step(model, mesh, host, steps_=1, lr=1.0, tx=None, factory=None, params=None):
   tx = tx or optax.sgd(lr)
   f = factory or _factory(model, mesh)
-  state = f.create_state(f.init_params(jax.random.key(0)), tx, f.mask('.*', 'trainable'))
+  params = f.init_params(jax.random.key(0)) if params is None else jax.device_put(
+      params, f.param_shardings)
+  state = f.create_state(params, tx, f.mask('.*', 'trainable'))
   fn = reward.make_reward_train_step(model, tx, f.mask('.*', 'trainable'),
                                      center_rewards_coefficient=0.01)
   jstep = steps.jit_train_step(fn, f.state_shardings(tx, f.mask('.*', 'trainable')), mesh,
@@ -251,3 +253,23 @@ def test_reward_entry_point_trains_from_a_policy_saves_and_reruns(setup, tmp_pat
   assert 0 <= res['eval/accuracy'] <= 1
   again = reward.train_reward(config, str(tmp_path / 'run'))
   assert again == res
+
+
+def test_instructblip_reward_step_reads_the_instruction(setup):
+  """A reward model with an instruction-aware Q-Former: the step's loss is the Bradley-Terry
+  formula on rewards of the model called with each pair's instruction (both sides share it)."""
+  from test_dpo import instructblip_preference_task, tiny_instructblip_config
+  tok = setup[1].tokenizer
+  model = reward.RewardModel(tiny_instructblip_config(tok))
+  b = instructblip_preference_task(tok).batch(0, 4)
+  f = _factory(model, mesh1())
+  params = jax.device_get(f.init_params(jax.random.key(0)))
+  m, _ = _step(model, mesh1(), {k: v[None] for k, v in b.items()}, factory=f, params=params)
+  fn = jax.jit(lambda p, kw: model.apply({'params': p}, **kw))
+  q = {k: b[k] for k in ('qformer_input_ids', 'qformer_attention_mask')}
+  rc, rr = (np.asarray(fn(params, dict(
+      input_ids=b[f'{side}_input_ids'], attention_mask=b[f'{side}_attention_mask'],
+      pixel_values=b['pixel_values'], **q))) for side in ('chosen', 'rejected'))
+  np.testing.assert_allclose(m['loss'], reward.bt_loss(rc, rr, center_rewards_coefficient=0.01),
+                             rtol=1e-5)
+  np.testing.assert_allclose(m['rewards/chosen'], rc.mean(), rtol=1e-5)

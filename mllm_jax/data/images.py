@@ -5,6 +5,8 @@ Ports of transformers' PIL-backend ("slow") image processors, numerically identi
   kind='clip'        CLIPImageProcessor / LlavaImageProcessor: resize the shortest edge, centre
                      crop, rescale 1/255, normalise; LLaVA-1.5's optional pad-to-square first.
   kind='siglip'      SiglipImageProcessor: resize to (H, W), rescale, normalise (mean = std = 0.5).
+  kind='blip'        BlipImageProcessor (BLIP-2, InstructBLIP): resize to (H, W) by default (a
+                     shortest-edge size + centre crop when configured so), CLIP normalisation.
   kind='llava_next'  LlavaNextImageProcessor (AnyRes): pick the best grid resolution, resize
                      keeping the aspect ratio, pad, cut into tiles, prepend the whole image.
 
@@ -51,10 +53,11 @@ def normalize(image: np.ndarray, mean: Sequence[float] = CLIP_MEAN,
 RESAMPLING = {'nearest': 0, 'lanczos': 1, 'bilinear': 2, 'bicubic': 3, 'box': 4, 'hamming': 5}
 # LLaVA-NeXT's default AnyRes grid, (H, W).
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-KINDS = ('clip', 'siglip', 'llava_next')
+KINDS = ('clip', 'siglip', 'llava_next', 'blip')
 # transformers image processor class (minus Fast/Pil suffix) -> kind.
 HF_PROCESSOR_KINDS = {'CLIPImageProcessor': 'clip', 'LlavaImageProcessor': 'clip',
-                      'SiglipImageProcessor': 'siglip', 'LlavaNextImageProcessor': 'llava_next'}
+                      'SiglipImageProcessor': 'siglip', 'LlavaNextImageProcessor': 'llava_next',
+                      'BlipImageProcessor': 'blip'}
 
 
 # ----------------------------------------------------------------------------- input
@@ -333,6 +336,8 @@ _DEFAULTS = {
                    mean=SIGLIP_MEAN, std=SIGLIP_STD),
     'llava_next': dict(size={'shortest_edge': 224}, crop_size={'height': 224, 'width': 224},
                        do_center_crop=True, mean=CLIP_MEAN, std=CLIP_STD),
+    'blip': dict(size={'height': 384, 'width': 384}, crop_size=None, do_center_crop=False,
+                 mean=CLIP_MEAN, std=CLIP_STD),
 }
 
 
@@ -342,7 +347,7 @@ class ImageProcessor:
 
   Fields left None take transformers' class defaults for `kind`. `size`/`crop_size` accept an
   int, (H, W) or a dict as in `preprocessor_config.json` (an int size is the shortest edge for
-  'clip'/'llava_next' and a square for 'siglip'; an int crop size is a square).
+  'clip'/'llava_next' and a square for 'siglip' / 'blip'; an int crop size is a square).
   `pad_to_square` is LLaVA-1.5's `image_aspect_ratio='pad'` (LlavaImageProcessor `do_pad`);
   `pad_tiles` is LlavaNextImageProcessor's `do_pad` (pad the tile axis to a batch).
   """
@@ -368,7 +373,7 @@ class ImageProcessor:
     d = _DEFAULTS[self.kind]
     fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
     fix('size', size_dict(d['size'] if self.size is None else self.size,
-                          default_to_square=self.kind == 'siglip'))
+                          default_to_square=self.kind in ('siglip', 'blip')))
     crop = d['crop_size'] if self.crop_size is None else self.crop_size
     fix('crop_size', None if crop is None else size_dict(crop, default_to_square=True))
     if self.do_center_crop is None:
@@ -409,7 +414,8 @@ class ImageProcessor:
     kw: dict[str, Any] = {'kind': kind}
     if config.get('size') is not None:
       # transformers reads an int size with the class's default_to_square (False for ours).
-      kw['size'] = size_dict(config['size'], bool(config.get('default_to_square', False)))
+      kw['size'] = size_dict(config['size'],
+                             bool(config.get('default_to_square', kind == 'blip')))
     for ours, theirs in [('crop_size', 'crop_size'), ('do_resize', 'do_resize'),
                          ('do_center_crop', 'do_center_crop'), ('resample', 'resample'),
                          ('do_rescale', 'do_rescale'), ('rescale_factor', 'rescale_factor'),
@@ -460,7 +466,8 @@ class ImageProcessor:
 
   def preprocess(self, image: Image.Image | np.ndarray | str | os.PathLike,
                  name: str = 'image') -> np.ndarray:
-    """One image -> float32 [H, W, 3] ('clip', 'siglip') or [n_tiles, H, W, 3] ('llava_next').
+    """One image -> float32 [H, W, 3] ('clip', 'siglip', 'blip') or [n_tiles, H, W, 3]
+    ('llava_next').
 
     Args:
       image: PIL image (any mode), uint8 array [H, W] / [H, W, C] (C in 1, 3, 4), or a file path.
@@ -488,7 +495,7 @@ class ImageProcessor:
     """A list of images (PIL, uint8 arrays, or paths) -> batch dict, channels-last.
 
     Returns:
-      'clip'/'siglip': {'pixel_values': float32 [N, H, W, 3]}.
+      'clip'/'siglip'/'blip': {'pixel_values': float32 [N, H, W, 3]}.
       'llava_next': {'pixel_values': float32 [N, max_tiles, H, W, 3] (zero tiles after each
         image's own; a list of [n_i, H, W, 3] if pad_tiles=False), 'num_tiles': int32 [N],
         'image_sizes': int64 [N, 2] original (H, W)}.

@@ -10,6 +10,9 @@ Batch (B pairs, T = max_len, H = W = image_size):
     chosen_attention_mask / rejected_attention_mask  int32   [B, T]
     chosen_loss_mask / rejected_loss_mask            float32 [B, T] (the answer + end of turn)
     pixel_values                                     float32 [B, 1, H, W, 3] (normalised)
+With a `qformer_tokenizer` (InstructBLIP), also the instruction both sides share, as the SFT
+data builds it (`synthetic.QFormerInstructions`: the question, image tags removed):
+    qformer_input_ids / qformer_attention_mask       int32   [B, qformer_max_len]
 A pair whose chosen equals its rejected is skipped and counted (`skipped`).
 """
 from __future__ import annotations
@@ -44,8 +47,12 @@ class PreferenceTask:
   def __init__(self, tokenizer, split: str = 'train', seed: int = 0, image_size: int = 32,
                num_image_tokens: int = 16, max_len: int = 128,
                image_mean: Sequence[float] = images.CLIP_MEAN,
-               image_std: Sequence[float] = images.CLIP_STD, image_token: str = '<image>'):
+               image_std: Sequence[float] = images.CLIP_STD, image_token: str = '<image>',
+               qformer_tokenizer=None, qformer_max_len: int = 32):
     self.tokenizer, self.split, self.seed = tokenizer, split, seed
+    self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
+    self.instructions = (None if qformer_tokenizer is None else
+                         synthetic.QFormerInstructions(qformer_tokenizer, qformer_max_len))
     self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
     self.image_mean, self.image_std, self.image_token = image_mean, image_std, image_token
     self.answers = answers_by_question(seed)
@@ -109,8 +116,11 @@ class PreferenceTask:
       out[f'{side}_attention_mask'] = np.zeros((b, t), np.int32)
       out[f'{side}_loss_mask'] = np.zeros((b, t), np.float32)
     pixels = np.zeros((b, 1, s, s, 3), np.uint8)
-    for row, index in enumerate(indices):
-      sample, chosen, rejected = self.pair(index)
+    pairs = [self.pair(index) for index in indices]
+    if self.instructions is not None:   # the prompt's question, shared by chosen and rejected
+      out.update(self.instructions([synthetic.questions(p[0].messages[:1]) for p in pairs],
+                                   [f'pair {i} of split {self.split!r}' for i in indices]))
+    for row, (sample, chosen, rejected) in enumerate(pairs):
       for side, answer in (('chosen', chosen), ('rejected', rejected)):
         ids, loss = self._tokens(sample.messages[0]['content'], answer)
         out[f'{side}_input_ids'][row, :len(ids)] = ids

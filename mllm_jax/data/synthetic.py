@@ -240,7 +240,49 @@ def instruction(sample: Sample) -> str:
   or `CAPTION_INSTRUCTION` for a caption."""
   if sample.caption is not None:
     return CAPTION_INSTRUCTION
-  return ' '.join(m['content'].split('\n')[-1] for m in sample.messages if m['role'] == 'user')
+  return questions(sample.messages)
+
+
+def questions(messages) -> str:
+  """The user turns of `messages` without their image tags (each tag is a line of its own
+  before the text), joined by spaces."""
+  return ' '.join(m['content'].split('\n')[-1] for m in messages if m['role'] == 'user')
+
+
+class QFormerInstructions:
+  """Instruction texts -> an instruction-aware Q-Former's input rows: each tokenised with its
+  tokenizer (memoised, bounded), right-padded with its pad id to `max_len`.
+
+    rows = QFormerInstructions(tokenizer, max_len)(texts, where)
+    rows['qformer_input_ids'], rows['qformer_attention_mask']   # int32 [len(texts), max_len]
+  """
+
+  def __init__(self, tokenizer, max_len: int):
+    if tokenizer.pad_token_id is None:
+      raise ValueError('the Q-Former tokenizer has no pad token (config.data.qformer_tokenizer)')
+    self.tokenizer, self.max_len = tokenizer, max_len
+    self._cache: dict = {}
+
+  def ids(self, text: str, where: str) -> list[int]:
+    """Token ids of `text`; longer than max_len -> an error naming `where` (the sample)."""
+    if text not in self._cache:
+      if len(self._cache) >= 100_000:
+        self._cache.clear()
+      ids = self.tokenizer(text)['input_ids']
+      if len(ids) > self.max_len:
+        raise ValueError(f'{where}: its Q-Former instruction has {len(ids)} tokens > '
+                         f'qformer_max_len={self.max_len} (config.data.qformer_max_len); raise it')
+      self._cache[text] = ids
+    return self._cache[text]
+
+  def __call__(self, texts: Sequence[str], wheres: Sequence[str]) -> dict[str, np.ndarray]:
+    out = {'qformer_input_ids': np.full((len(texts), self.max_len), self.tokenizer.pad_token_id,
+                                        np.int32),
+           'qformer_attention_mask': np.zeros((len(texts), self.max_len), np.int32)}
+    for row, (text, where) in enumerate(zip(texts, wheres)):
+      q = self.ids(text, where)
+      out['qformer_input_ids'][row, :len(q)], out['qformer_attention_mask'][row, :len(q)] = q, 1
+    return out
 
 
 class SyntheticTask:
@@ -273,10 +315,9 @@ class SyntheticTask:
                image_token: str = '<image>', qformer_tokenizer=None, qformer_max_len: int = 32):
     if max_images < 1:
       raise ValueError(f'max_images must be >= 1, got {max_images}')
-    if qformer_tokenizer is not None and qformer_tokenizer.pad_token_id is None:
-      raise ValueError('the Q-Former tokenizer has no pad token (config.data.qformer_tokenizer)')
     self.qformer_tokenizer, self.qformer_max_len = qformer_tokenizer, qformer_max_len
-    self._qformer_cache: dict = {}
+    self.instructions = (None if qformer_tokenizer is None else
+                         QFormerInstructions(qformer_tokenizer, qformer_max_len))
     make_sample(0, kind=kind, split=split, image_size=None)   # validates kind and split
     self.tokenizer, self.kind, self.split, self.seed = tokenizer, kind, split, seed
     self.image_size, self.num_image_tokens, self.max_len = image_size, num_image_tokens, max_len
@@ -310,20 +351,6 @@ class SyntheticTask:
             num_image_tokens=self.num_image_tokens, cache=self._prefix_cache)
     return self._cache[key]
 
-  def _qformer_ids(self, sample: Sample) -> list[int]:
-    text = instruction(sample)
-    if text not in self._qformer_cache:
-      if len(self._qformer_cache) >= 100_000:
-        self._qformer_cache.clear()
-      ids = self.qformer_tokenizer(text)['input_ids']
-      if len(ids) > self.qformer_max_len:
-        raise ValueError(f'sample {sample.index} of split {self.split!r} ({self.kind}): its '
-                         f'Q-Former instruction has {len(ids)} tokens > '
-                         f'qformer_max_len={self.qformer_max_len} '
-                         '(config.data.qformer_max_len); raise it')
-      self._qformer_cache[text] = ids
-    return self._qformer_cache[text]
-
   def batch(self, start: int, batch_size: int) -> dict[str, np.ndarray]:
     """Samples start .. start + batch_size - 1 of the split as fixed-shape arrays (see class doc)."""
     return self.batch_of(range(start, start + batch_size))
@@ -344,14 +371,12 @@ class SyntheticTask:
            'turn_ids': np.zeros((b, t), np.int32),
            'num_images': np.zeros((b,), np.int32)}
     pixels = np.zeros((b, self.max_images, s, s, 3), np.uint8)
-    if self.qformer_tokenizer is not None:
-      out['qformer_input_ids'] = np.full((b, self.qformer_max_len),
-                                         self.qformer_tokenizer.pad_token_id, np.int32)
-      out['qformer_attention_mask'] = np.zeros((b, self.qformer_max_len), np.int32)
-    for row, sample in enumerate(self.example(i) for i in indices):
-      if self.qformer_tokenizer is not None:
-        q = self._qformer_ids(sample)
-        out['qformer_input_ids'][row, :len(q)], out['qformer_attention_mask'][row, :len(q)] = q, 1
+    samples = [self.example(i) for i in indices]
+    if self.instructions is not None:
+      out.update(self.instructions(
+          [instruction(x) for x in samples],
+          [f'sample {x.index} of split {self.split!r} ({self.kind})' for x in samples]))
+    for row, sample in enumerate(samples):
       ids, loss, turns = self._tokenize(sample)
       n = len(ids)
       if n > t:

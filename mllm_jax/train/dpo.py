@@ -1,9 +1,12 @@
 """Direct preference optimisation: `dpo_loss` and the jitted DPO train step.
 
 A preference batch holds chosen and rejected completions of the same prompts (keys
-`chosen_{input_ids,attention_mask,loss_mask}`, `rejected_...`, `pixel_values`, optionally
-precomputed `ref_chosen_logps` / `ref_rejected_logps`); `loss_mask` marks the completion tokens.
-Chosen and rejected go through ONE forward, concatenated on the batch axis (images repeated),
+`chosen_{input_ids,attention_mask,loss_mask}`, `rejected_...`, `pixel_values`, for an
+instruction-aware Q-Former (InstructBLIP) `qformer_input_ids` / `qformer_attention_mask`, and
+optionally precomputed `ref_chosen_logps` / `ref_rejected_logps`); `loss_mask` marks the
+completion tokens.
+Chosen and rejected go through ONE forward, concatenated on the batch axis (images and the
+Q-Former instruction repeated: both sides of a pair share them),
 and log pi(y|x) is summed over completion tokens, as TRL does. With
 h = [log pi(y_w) - log ref(y_w)] - [log pi(y_l) - log ref(y_l)]:
 
@@ -64,20 +67,25 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           beta * (rejected_logps - ref_rejected_logps))
 
 
+SHARED = ('pixel_values', 'qformer_input_ids', 'qformer_attention_mask')   # one per pair
+
+
 def concat_sides(batch):
-  """[prompt+chosen] x B then [prompt+rejected] x B, images repeated: model inputs [2B, ...]."""
+  """[prompt+chosen] x B then [prompt+rejected] x B, images (and the Q-Former instruction)
+  repeated: model inputs [2B, ...]."""
   cat = lambda k: jnp.concatenate([batch[f'chosen_{k}'], batch[f'rejected_{k}']], 0)
   out = dict(input_ids=cat('input_ids'), attention_mask=cat('attention_mask'),
              loss_mask=cat('loss_mask'))
-  if 'pixel_values' in batch:
-    out['pixel_values'] = jnp.concatenate([batch['pixel_values']] * 2, 0)
+  for k in SHARED:
+    if k in batch:
+      out[k] = jnp.concatenate([batch[k]] * 2, 0)
   return out
 
 
 def completion_logps(model, params, inputs, router_terms: bool = False):
   """Summed log-probs of the loss-masked tokens and their count, each [N] (fp32); with
   `router_terms`, also the MoE router loss terms (`moe.loss_terms`, {} when dense)."""
-  kw = {k: inputs[k] for k in ('input_ids', 'attention_mask', 'pixel_values') if k in inputs}
+  kw = {k: inputs[k] for k in ('input_ids', 'attention_mask') + SHARED if k in inputs}
   logits, stats = moe.apply_with_router_stats(model, {'params': params}, **kw)
   logits = logits[:, :-1].astype(jnp.float32)
   targets, mask = inputs['input_ids'][:, 1:], inputs['loss_mask'][:, 1:].astype(jnp.float32)

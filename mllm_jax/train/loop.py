@@ -89,7 +89,8 @@ def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):
     return preference.PreferenceTask(
         tokenizer, split=split, seed=config.seed, image_size=v.image_size,
         num_image_tokens=mcfg.image_tokens, max_len=config.data.max_len, image_mean=mean,
-        image_std=std)
+        image_std=std, qformer_tokenizer=load_qformer_tokenizer(config, tokenizer),
+        qformer_max_len=config.data.qformer_max_len)
   return synthetic.SyntheticTask(
       tokenizer, kind=task, split=split, seed=config.seed, image_size=v.image_size,
       num_image_tokens=mcfg.image_tokens, max_len=config.data.max_len,

@@ -38,7 +38,7 @@ import optax
 from mllm_jax import sharding as shd
 from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.models import layers as L
-from mllm_jax.train.dpo import concat_sides
+from mllm_jax.train.dpo import SHARED, concat_sides
 from mllm_jax.train.optim import merge_params, split_params
 from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update
 
@@ -76,9 +76,11 @@ class RewardModel(MLLM):
     return self.score(last.astype(jnp.float32))[:, 0]
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
-               segment_ids=None, image_sizes=None):
+               segment_ids=None, image_sizes=None, qformer_input_ids=None,
+               qformer_attention_mask=None):
     h = self.hidden_states(input_ids, pixel_values, attention_mask, positions, segment_ids,
-                           image_sizes)
+                           image_sizes, qformer_input_ids=qformer_input_ids,
+                           qformer_attention_mask=qformer_attention_mask)
     if self.is_initializing():   # create lm_head too: the tree stays the policy's plus `score`
       self.logits(h[:, :1])
     return self.reward(h, attention_mask)
@@ -103,7 +105,7 @@ def bt_loss(chosen_rewards, rejected_rewards, margin=None, center_rewards_coeffi
 def pair_rewards(model, params, batch):
   """Preference batch [b, ...] -> (r(chosen), r(rejected)) each [b], in one forward."""
   inputs = concat_sides(batch)
-  kw = {k: inputs[k] for k in ('input_ids', 'attention_mask', 'pixel_values') if k in inputs}
+  kw = {k: inputs[k] for k in ('input_ids', 'attention_mask') + SHARED if k in inputs}
   r = model.apply({'params': params}, **kw)
   return r[:r.shape[0] // 2], r[r.shape[0] // 2:]
 
