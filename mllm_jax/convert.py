@@ -83,10 +83,13 @@ def save_tokenizer_and_processor(src, tok_dir, cfg, out):
   if cfg.connector.kind == 'qformer':
     blip_processor(config, cfg, tok, mean, std).save_pretrained(out)
     return
-  ip = transformers.CLIPImageProcessorPil(
-      size={'shortest_edge': v.image_size}, crop_size={'height': v.image_size,
-                                                      'width': v.image_size},
-      image_mean=list(mean), image_std=list(std))
+  s = v.image_size   # the run's preprocessing (images.run_processor) in transformers' class
+  resize = (dict(size={'shortest_edge': s}, crop_size={'height': s, 'width': s},
+                 do_center_crop=True) if norm == 'clip' else
+            dict(size={'height': s, 'width': s}, do_center_crop=False))
+  ip = transformers.LlavaImageProcessorPil(
+      do_pad=bool(config.data.get('pad_to_square', False)), image_mean=list(mean),
+      image_std=list(std), **resize)
   proc = transformers.LlavaProcessor(
       image_processor=ip, tokenizer=tok, patch_size=v.patch_size,
       vision_feature_select_strategy='default' if v.feature_select == 'patch' else 'full',

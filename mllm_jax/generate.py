@@ -323,15 +323,13 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     raise ValueError(f'{checkpoint}: a convert checkpoint carries no tokenizer; use the '
                      'training workdir or --hf')
   tokenizer = tok_lib.load_tokenizer(tok_dir)
-  norm = 'clip'
+  data = {}   # the run's image preprocessing (a convert checkpoint: CLIP's defaults)
   step_dir = pretrained._train_step_dir(checkpoint)
   if step_dir is not None:
     with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-      norm = json.load(f)['config']['data']['image_norm']
-  mean, std = image_lib.NORMALIZATION[norm]
-  side = mcfg.vision.image_size if mcfg.vision else None
-  processor = None if side is None else image_lib.ImageProcessor(
-      'clip', size=side, crop_size=side, mean=mean, std=std)
+      data = json.load(f)['config']['data']
+  processor = None if mcfg.vision is None else image_lib.run_processor(
+      data.get('image_norm', 'clip'), mcfg.vision.image_size, data.get('pad_to_square', False))
   return model, params, tokenizer, processor
 
 

@@ -192,3 +192,39 @@ def test_cli_on_an_hf_directory_prints_the_greedy_answer(llava, tmp_path):
   ref_in = dict(proc(text=[text], images=images((40, 30)), return_tensors='np'))
   ref = hf_generate(hf, ref_in, 5, eos=tok.eos_token_id)
   assert out.getvalue().strip() == tok.decode(ref[0], skip_special_tokens=True).strip()
+
+
+def test_run_export_and_cli_preprocess_images_like_the_runs_training_data(tmp_path):
+  """A run with image_norm='siglip' (square resize) and pad_to_square: `convert --to-hf`'s
+  processor (transformers' LlavaImageProcessor) and the generate CLI's `--checkpoint`
+  preprocessing give the training pipeline's pixels for non-square images."""
+  import os
+  from PIL import Image
+  from mllm_jax import convert
+  from mllm_jax.config import load_config
+  from mllm_jax.data import pipeline
+  from mllm_jax.train import loop
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = {'model.llm.depth': 1, 'model.llm.hidden': 32, 'model.llm.mlp_dim': 64,
+          'model.llm.heads': 2, 'model.llm.kv_heads': 1, 'model.vision.depth': 1,
+          'model.vision.width': 32, 'model.vision.heads': 2, 'model.vision.mlp_dim': 64,
+          'train.stages': 'sft', 'sft.steps': 1, 'sft.batch_size': 8, 'train.eval_examples': 8,
+          'train.eval_batch_size': 8, 'train.progress_bar': False, 'data.image_norm': 'siglip',
+          'data.pad_to_square': True}
+  config = load_config(os.path.join(root, 'configs', 'demo.py'), over)
+  loop.run(config, str(tmp_path / 'run'))
+  convert.main(['--to-hf', str(tmp_path / 'run'), '--out', str(tmp_path / 'hf')])
+  pics = [Image.fromarray(np.random.RandomState(i).randint(0, 255, s + (3,), dtype=np.uint8))
+          for i, s in enumerate(((40, 30), (20, 50)))]
+  side = config.model.vision.image_size
+  train = pipeline.Preprocess(
+      transformers.AutoTokenizer.from_pretrained(tmp_path / 'hf'),
+      pipeline.PipelineConfig(image_norm='siglip', pad_to_square=True, image_size=side,
+                              num_image_tokens=4)).processor
+  want = np.stack([train.preprocess(p) for p in pics])
+  assert want.shape == (2, side, side, 3)
+  proc = transformers.AutoProcessor.from_pretrained(tmp_path / 'hf')
+  got = proc.image_processor(pics, return_tensors='np')['pixel_values'].transpose(0, 2, 3, 1)
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  cli = gen.load_for_generation(checkpoint=str(tmp_path / 'run'))[3]
+  np.testing.assert_allclose(cli(pics)['pixel_values'], want, atol=1e-6)

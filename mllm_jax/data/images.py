@@ -535,3 +535,16 @@ class ImageProcessor:
     h, w = self.tile_size
     n = (h // patch_size) * (w // patch_size) + num_additional_image_tokens
     return n - 1 if vision_feature_select_strategy == 'default' else n
+
+
+def run_processor(image_norm: str, image_size: int, pad_to_square: bool = False
+                  ) -> 'ImageProcessor':
+  """The image preprocessing a training run applies (`config.data.image_norm`, the tower's
+  `image_size`, `config.data.pad_to_square`): 'clip' = shortest-edge resize + centre crop,
+  'siglip' = resize to a square; the norm's mean / std. The data pipeline, the generate CLI and
+  the exported processor all follow it."""
+  mean, std = NORMALIZATION[image_norm]
+  return ImageProcessor(kind=image_norm, size=image_size,
+                        crop_size=image_size if image_norm == 'clip' else None, mean=mean,
+                        std=std, pad_to_square=pad_to_square)
+

@@ -146,11 +146,7 @@ class Preprocess(grain.transforms.Map):
 
   def __init__(self, tokenizer, cfg: PipelineConfig):
     self.tokenizer, self.cfg = tokenizer, cfg
-    mean, std = images.NORMALIZATION[cfg.image_norm]
-    s = cfg.image_size
-    self.processor = images.ImageProcessor(
-        kind=cfg.image_norm, size=s, crop_size=s if cfg.image_norm == 'clip' else None,
-        mean=mean, std=std, pad_to_square=cfg.pad_to_square)
+    self.processor = images.run_processor(cfg.image_norm, cfg.image_size, cfg.pad_to_square)
     self.image_id = conversation.image_token_id(tokenizer, cfg.image_token)
     self._prefix_cache: dict = {}
 
