@@ -59,10 +59,14 @@ def to_hf(src: str, out: str, dtype: str | None, max_shard_size: int):
 
 
 def run_config(src):
-  """The training config (ConfigDict) saved with the latest checkpoint of a training run."""
+  """The training config (ConfigDict) saved with the latest checkpoint of a training run (a
+  workdir or one of its step directories); None for a convert checkpoint."""
   import ml_collections
   from mllm_jax.hf.pretrained import _train_step_dir
-  with open(os.path.join(_train_step_dir(src), 'meta', 'metadata')) as f:
+  step_dir = _train_step_dir(src)
+  if step_dir is None:
+    return None
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     return ml_collections.ConfigDict(json.load(f)['config'])
 
 

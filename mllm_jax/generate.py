@@ -291,8 +291,6 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
   """(model, params, tokenizer, ImageProcessor) from a training run / convert checkpoint or an
   HF directory; params placed on one device."""
-  import json
-  import os
   from mllm_jax.data import images as image_lib, tokenizer as tok_lib
   if (checkpoint is None) == (hf is None):
     raise ValueError('give exactly one of --checkpoint (training workdir, checkpoint step dir '
@@ -323,11 +321,9 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     raise ValueError(f'{checkpoint}: a convert checkpoint carries no tokenizer; use the '
                      'training workdir or --hf')
   tokenizer = tok_lib.load_tokenizer(tok_dir)
-  data = {}   # the run's image preprocessing (a convert checkpoint: CLIP's defaults)
-  step_dir = pretrained._train_step_dir(checkpoint)
-  if step_dir is not None:
-    with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-      data = json.load(f)['config']['data']
+  from mllm_jax.convert import run_config
+  config = run_config(checkpoint)   # the run's image preprocessing (convert ckpt: CLIP's)
+  data = {} if config is None else config.data.to_dict()
   processor = None if mcfg.vision is None else image_lib.run_processor(
       data.get('image_norm', 'clip'), mcfg.vision.image_size, data.get('pad_to_square', False))
   return model, params, tokenizer, processor
@@ -360,7 +356,6 @@ def load_qformer_tokenizer(checkpoint: str | None = None, hf: str | None = None,
   """The tokenizer of an instruction-aware Q-Former's input, as the model was trained with it:
   a training run's `config.data.qformer_tokenizer` ('' = its LLM tokenizer, `tokenizer`), or
   an HF directory's `qformer_tokenizer/` (where InstructBlipProcessor saves it)."""
-  import json
   import os
   if hf is not None:
     import transformers
@@ -369,14 +364,11 @@ def load_qformer_tokenizer(checkpoint: str | None = None, hf: str | None = None,
       raise ValueError(f'{hf}: an InstructBLIP model needs its Q-Former tokenizer in '
                        f'{sub} (as InstructBlipProcessor.save_pretrained writes it)')
     return transformers.AutoTokenizer.from_pretrained(sub)
-  import ml_collections
-  from mllm_jax.hf import pretrained
+  from mllm_jax.convert import run_config
   from mllm_jax.train import loop
-  step_dir = pretrained._train_step_dir(checkpoint)
-  if step_dir is None:
+  config = run_config(checkpoint)
+  if config is None:
     raise ValueError(f'{checkpoint}: not a training run, so no Q-Former tokenizer is known')
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    config = ml_collections.ConfigDict(json.load(f)['config'])
   return loop.load_qformer_tokenizer(config, tokenizer)
 
 
