@@ -37,6 +37,9 @@ class RunPosition:
   stage_step: int       # optimizer steps taken in this stage
   stage_done: bool
   global_step: int
+  # the stage's running totals that metrics report (e.g. steps skipped as non-finite), so that
+  # a resumed run continues them instead of restarting at 0
+  counters: dict = dataclasses.field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,7 +127,7 @@ class Checkpointer:
       return None
     meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
     return RunPosition(meta['stage'], meta['stage_index'], meta['stage_step'], meta['stage_done'],
-                       step)
+                       step, meta.get('counters', {}))
 
   def save(self, pos: RunPosition, state: Any, config_json: str | None = None,
            data_state: dict | None = None):

@@ -5,6 +5,7 @@ they share a persistent compilation cache, so only the first one compiles."""
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,15 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path, env, tokenizer_dir, r
   jax.tree.map(np.testing.assert_array_equal, a['opt_state'], b['opt_state'])
   assert (int(a['step']), int(b['step'])) == (2, 4)
   assert '2 steps skipped for non-finite loss or gradients' in r.stdout
+  # the stage's total survives a resume: drop the final checkpoint, rerun from step 4
+  shutil.rmtree(w / 'checkpoints' / '6')
+  r = run(w, env, **{'train.debug_nan_steps': '3,4', 'train.max_consecutive_nonfinite': 3})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Resumed from' in r.stdout and 'at step 4' in r.stdout, r.stdout
+  assert '2 steps skipped for non-finite loss or gradients' in r.stdout
+  ckpt = Checkpointer(str(w / 'checkpoints'))
+  assert ckpt.latest().counters == dict(nonfinite_skipped=2, over_logits_width=0)
+  ckpt.close()
 
 
 def test_consecutive_nonfinite_steps_stop_with_a_clear_error(tmp_path, env, tokenizer_dir):

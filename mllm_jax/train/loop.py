@@ -370,7 +370,7 @@ def run(config, workdir: str) -> dict:
   pos = ckpt.latest()
   writer = MetricsWriter(workdir, resume_step=pos.global_step if pos else None,
                          enabled=distributed.is_primary())
-  state, params, first, data_state = None, None, 0, None
+  state, params, first, data_state, counters = None, None, 0, None, None
   if pos is None:   # random init, then any pretrained weights config.model names
     from mllm_jax.hf import pretrained
     params = pretrained.init_params(factory, jax.random.key(config.seed))
@@ -387,7 +387,7 @@ def run(config, workdir: str) -> dict:
     if pos.stage_done:
       params, state, first = state.params, None, pos.stage_index + 1
     else:
-      data_state = ckpt.restore_data_state(pos.global_step)
+      data_state, counters = ckpt.restore_data_state(pos.global_step), pos.counters
 
   results: dict = {}
   budget = [config.train.max_steps_per_run or None]   # steps this process may still take
@@ -396,8 +396,8 @@ def run(config, workdir: str) -> dict:
       for i in range(first, len(names)):
         state, results = run_stage(config, factory, tokenizer, mcfg, names, i, offsets[i],
                                    state, params, ckpt, writer, mesh, rules, budget, stop,
-                                   data_state)
-        data_state = None
+                                   data_state, counters)
+        data_state = counters = None
         if results is None or (budget[0] == 0 and i + 1 < len(names)):
           print(f'Stopped after config.train.max_steps_per_run={config.train.max_steps_per_run}'
                 f' steps; rerun the same command to continue from {ckpt.directory}')
@@ -435,7 +435,7 @@ def dpo_reference(workdir, name, factory, params, start):
 
 def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, params, ckpt,
               writer, mesh, rules, budget, stop: StopSignals | None = None,
-              data_state: dict | None = None):
+              data_state: dict | None = None, counters: dict | None = None):
   """Train stage `names[index]` to its end -> (state, held-out metrics), or stop early when
   `budget[0]` steps have been taken (checkpoint saved) -> (state, None). A stop signal saves
   a checkpoint and raises `Interrupted`."""
@@ -465,17 +465,20 @@ def run_stage(config, factory, tokenizer, mcfg, names, index, offset, state, par
   if width:
     wide_fn = steps.make_train_step(factory.model, tx, mask, schedule,
                                     logits_chunk=config.train.logits_chunk)
-  over_width = 0   # batches of this stage (this run) that took the wide step
+  counters = counters or {}   # the stage's totals at the checkpoint this run resumed from
+  over_width = counters.get('over_logits_width', 0)   # batches that took the wide step
   micro = sc.batch_size // sc.grad_accum
   batches = prefetch(train_iterator(train_task, sc, name, mesh, start, data_state),
                      config.data.prefetch)
   config_json = config.to_json_best_effort()
   monitor = NonFiniteMonitor(config, name, ckpt.directory)
+  monitor.total = counters.get('nonfinite_skipped', 0)
   consumed = data_state   # iterator state after the last batch a step consumed
 
   def save(stage_step, done):
-    ckpt.save(RunPosition(name, index, stage_step, done, offset + stage_step), state, config_json,
-              data_state=consumed)
+    ckpt.save(RunPosition(name, index, stage_step, done, offset + stage_step,
+                          dict(over_logits_width=over_width, nonfinite_skipped=monitor.total)),
+              state, config_json, data_state=consumed)
 
   def run_eval(stage_step):
     res = evaluate(config, factory, state.params, eval_task, mesh, rules)
