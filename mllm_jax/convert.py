@@ -15,7 +15,6 @@ Q-Former's tokenizer in `qformer_tokenizer/`), so `AutoProcessor` /
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -58,30 +57,19 @@ def to_hf(src: str, out: str, dtype: str | None, max_shard_size: int):
   print(f'Wrote {out} ({api.hf_config_for(model)[0]})')
 
 
-def run_config(src):
-  """The training config (ConfigDict) saved with the latest checkpoint of a training run (a
-  workdir or one of its step directories); None for a convert checkpoint."""
-  import ml_collections
-  from mllm_jax.hf.pretrained import _train_step_dir
-  step_dir = _train_step_dir(src)
-  if step_dir is None:
-    return None
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    return ml_collections.ConfigDict(json.load(f)['config'])
-
-
 def save_tokenizer_and_processor(src, tok_dir, cfg, out):
   """The run's tokenizer, and the processor transformers pairs with the exported model:
   LLaVA's, or for a Q-Former connector BLIP-2's / InstructBLIP's (`blip_processor`), with the
   run's image preprocessing (`config.data.image_norm`)."""
   import transformers
   from mllm_jax.data import images
+  from mllm_jax.hf import pretrained
   tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
   tok.save_pretrained(out)
   v = getattr(cfg, 'vision', None)
   if v is None or cfg.image_grid_pinpoints:
     return
-  config = run_config(src)
+  config = pretrained.run_config(src)
   norm = config.data.image_norm
   mean, std = images.NORMALIZATION[norm]
   if cfg.connector.kind == 'qformer':

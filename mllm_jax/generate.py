@@ -321,8 +321,7 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     raise ValueError(f'{checkpoint}: a convert checkpoint carries no tokenizer; use the '
                      'training workdir or --hf')
   tokenizer = tok_lib.load_tokenizer(tok_dir)
-  from mllm_jax.convert import run_config
-  config = run_config(checkpoint)   # the run's image preprocessing (convert ckpt: CLIP's)
+  config = pretrained.run_config(checkpoint)   # the run's image preprocessing (convert ckpt: CLIP's)
   data = {} if config is None else config.data.to_dict()
   processor = None if mcfg.vision is None else image_lib.run_processor(
       data.get('image_norm', 'clip'), mcfg.vision.image_size, data.get('pad_to_square', False))
@@ -364,9 +363,9 @@ def load_qformer_tokenizer(checkpoint: str | None = None, hf: str | None = None,
       raise ValueError(f'{hf}: an InstructBLIP model needs its Q-Former tokenizer in '
                        f'{sub} (as InstructBlipProcessor.save_pretrained writes it)')
     return transformers.AutoTokenizer.from_pretrained(sub)
-  from mllm_jax.convert import run_config
+  from mllm_jax.hf import pretrained
   from mllm_jax.train import loop
-  config = run_config(checkpoint)
+  config = pretrained.run_config(checkpoint)
   if config is None:
     raise ValueError(f'{checkpoint}: not a training run, so no Q-Former tokenizer is known')
   return loop.load_qformer_tokenizer(config, tokenizer)

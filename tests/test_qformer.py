@@ -449,7 +449,7 @@ def test_blip2_processor_for_a_square_resize_run(instructblip_run, tmp_path):
   from mllm_jax import convert, generate as gen
   from mllm_jax.data import images as image_lib
   workdir, _, _ = instructblip_run
-  config = convert.run_config(str(workdir))
+  config = mllm_jax.hf.pretrained.run_config(str(workdir))
   config.model.connector.qformer.instruction = False
   config.data.image_norm = 'siglip'
   cfg, tok_dir = mllm_jax.hf.pretrained.saved_model_config(str(workdir))

@@ -109,6 +109,17 @@ def _train_step_dir(path: str) -> str | None:
   return None
 
 
+def run_config(path: str):
+  """The training config (ConfigDict) saved with the latest checkpoint of a training run (a
+  workdir, its checkpoints dir or one of its step directories); None for anything else (e.g. a
+  params checkpoint written by convert)."""
+  step_dir = _train_step_dir(path)
+  if step_dir is None:
+    return None
+  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+    return ml_collections.ConfigDict(json.load(f)['config'])
+
+
 def saved_model_config(path: str):
   """(model config, tokenizer dir or None) of a params checkpoint or a training run."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):
@@ -122,8 +133,7 @@ def saved_model_config(path: str):
     raise CheckpointError(f'{path}: neither a params checkpoint ({MODEL_JSON} + params/) nor a '
                           'training workdir / checkpoint step directory')
   from mllm_jax.train import loop   # the training job's own config -> model translation
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    config = ml_collections.ConfigDict(json.load(f)['config'])
+  config = run_config(step_dir)
   workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
   tok_dir = config.data.tokenizer or os.path.join(workdir, 'tokenizer')
   return loop.model_config(config, loop.load_tokenizer(config, workdir)), tok_dir
