@@ -29,7 +29,15 @@ forced) and the accuracy of the policy's greedy answers to `eval_prompts` held-o
 (exact match: what the rounds optimise), before and after its DPO.
 
 The starting policy is `config.model.init_from` (a training workdir, params checkpoint or
-HF directory), else the config's stages (e.g. pretrain,sft) trained first in WORKDIR/sft.
+HF directory), else the config's stages (e.g. pretrain,sft) trained first in WORKDIR/sft; its
+architecture is the checkpoint's.
+
+InstructBLIP (an instruction-aware Q-Former policy or reward model): every forward the rounds
+run - sampling, the greedy held-out answers, the preference / VQA evaluations, the DPO batches
+(`PairsTask`) and the reward-model scorer - gets each sample's instruction as its SFT data did
+(`synthetic.instruction`, tokenised by `synthetic.QFormerInstructions` to
+`config.data.qformer_max_len`) with the Q-Former tokenizer `config.data.qformer_tokenizer`, else
+an HF start's `qformer_tokenizer/`, else the starting training run's, else the LLM tokenizer.
 """
 from __future__ import annotations
 
