@@ -129,7 +129,9 @@ def build_pairs(groups: list[dict]) -> tuple[list[dict], dict]:
 class PairsTask(preference.PreferenceTask):
   """Preference batches (the `mllm_jax.data.preference` format) from pair records; batch `start`
   cycles through the records (epochs). A record whose chosen equals its rejected is skipped and
-  counted (`skipped`); a record whose conversation exceeds max_len is truncated."""
+  counted (`skipped`); a record whose conversation exceeds max_len is truncated. With a
+  `qformer_tokenizer` (InstructBLIP), each pair also carries its prompt's instruction, as the
+  built-in pairs do (`preference.PreferenceTask.batch_of`)."""
 
   def __init__(self, records: list[dict], tokenizer, **kw):
     super().__init__(tokenizer, **kw)
