@@ -1,6 +1,8 @@
 """Iterative DPO driver: scoring, pair building (ties, identical responses, chosen == rejected
 records), two tiny rounds end to end with a user scorer, resumption at round 2 giving the same
-pairs, and the reward-model scorer."""
+pairs, and the reward-model scorer; for a tiny InstructBLIP policy (its own BERT Q-Former
+tokenizer): two rounds and a resume, the sampled responses and the round's DPO loss checked
+against direct calls with each prompt's instruction, and the reward-model scorer reading it."""
 import os
 import re
 import shutil
