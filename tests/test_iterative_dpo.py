@@ -1,7 +1,10 @@
 """Iterative DPO driver: scoring, pair building (ties, identical responses, chosen == rejected
 records), two tiny rounds end to end with a user scorer, resumption at round 2 giving the same
-pairs, and the reward-model scorer."""
+pairs, and the reward-model scorer; for a tiny InstructBLIP policy (its own BERT Q-Former
+tokenizer): two rounds and a resume, the sampled responses and the round's DPO loss checked
+against direct calls with each prompt's instruction, and the reward-model scorer reading it."""
 import os
+import re
 import shutil
 
 import jax
@@ -157,3 +160,231 @@ def test_reward_model_scorer_scores_each_conversation(start, tmp_path):
     px = images.normalize(np.stack(x.images)[None], images.CLIP_MEAN, images.CLIP_STD)
     want = rm.apply({'params': params}, ids[None], px)
     np.testing.assert_allclose(g, want[0], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# InstructBLIP: the Q-Former reads each sample's instruction everywhere the rounds run a model
+# ----------------------------------------------------------------------------------------------
+QLEN = 24   # config.data.qformer_max_len of these runs
+
+
+def bert_tokenizer(path):
+  """A BERT (WordPiece) tokenizer over the demo corpus' words, saved at `path` and reloaded:
+  InstructBLIP's Q-Former reads BERT tokens, not the LLM's."""
+  import transformers
+  words = sorted({w for t in tok_lib.demo_corpus(200) for w in re.findall(r'\w+|[^\w\s]',
+                                                                          t.lower())})
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
+  transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture(scope='module')
+def ib_start(start, tmp_path_factory):
+  """A tiny random InstructBLIP policy (params checkpoint) whose Q-Former reads a BERT
+  tokenizer of its own: (policy path, LLM tokenizer dir, LLM tokenizer, Q-Former tokenizer dir,
+  Q-Former tokenizer)."""
+  base = tmp_path_factory.mktemp('ib_start')
+  _, tok_dir, tok = start
+  qtok = bert_tokenizer(str(base / 'qformer_tokenizer'))
+  assert len(qtok) != len(tok)
+  cfg = MLLMConfig.from_dict(dict(
+      llm=dict(vocab_size=-(-len(tok) // 8) * 8, hidden=32, depth=1, heads=4, kv_heads=2,
+               mlp_dim=64, max_position=128),
+      vision=dict(kind='blip2', image_size=16, patch_size=8, width=16, depth=1, heads=2,
+                  mlp_dim=32, feature_layer=-1, feature_select='full'),
+      connector=dict(kind='qformer', qformer=dict(
+          num_queries=4, hidden=16, depth=1, heads=2, mlp_dim=32, cross_attention_every=1,
+          instruction=True, vocab_size=-(-len(qtok) // 8) * 8, max_position=QLEN)),
+      image_token_id=tok.convert_tokens_to_ids('<image>')))
+  model = MLLM(cfg)
+  factory = steps.StateFactory(model, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+                               shd.logical_rules('dp'))
+  pretrained.save_params(str(base / 'policy'), model, factory.init_params(jax.random.key(0)))
+  return str(base / 'policy'), tok_dir, tok, str(base / 'qformer_tokenizer'), qtok
+
+
+def _ib_config(ib_start, **over):
+  o = {'data.qformer_tokenizer': ib_start[3], 'data.qformer_max_len': QLEN,
+       'iterative.prompts_per_round': 4, 'iterative.samples_per_prompt': 4,
+       'iterative.generate_batch': 16, 'iterative.eval_prompts': 4, 'dpo.steps': 1,
+       'train.eval_examples': 8, 'train.eval_batch_size': 8}
+  o.update(over)
+  return _config(ib_start[:2] + (None,), **o)
+
+
+@pytest.fixture(scope='module')
+def ib_run(ib_start, tmp_path_factory):
+  """Two rounds of a tiny InstructBLIP policy (config: the LLaVA demo's, so the checkpoint's
+  architecture must win), then a rerun of a copy whose round 2 was lost."""
+  root = tmp_path_factory.mktemp('ib_run')
+  a, b = str(root / 'a'), str(root / 'b')
+  hist = it.run(_ib_config(ib_start), a, scorer=longer_is_better)
+  shutil.copytree(a, b)
+  shutil.rmtree(it.round_dir(b, 2))
+  return a, hist, b, it.run(_ib_config(ib_start), b, scorer=longer_is_better)
+
+
+def _instruction_rows(qtok, texts):
+  """The Q-Former rows of `texts` as transformers' tokenizer gives them, right-padded."""
+  ids = np.full((len(texts), QLEN), qtok.pad_token_id, np.int32)
+  for row, t in enumerate(texts):
+    q = qtok(t)['input_ids']
+    ids[row, :len(q)] = q
+  return ids, (np.arange(QLEN)[None] < (ids != qtok.pad_token_id).sum(1, keepdims=True)
+               ).astype(np.int32)
+
+
+def _question(sample):
+  return sample.messages[0]['content'].split('\n')[-1]
+
+
+@pytest.mark.slow
+def test_instructblip_rounds_run_write_their_files_and_resume(ib_run):
+  a, hist, b, hist_b = ib_run
+  assert [m['round'] for m in hist] == [1, 2]
+  for r, m in enumerate(hist, 1):
+    d = it.round_dir(a, r)
+    groups = it.read_jsonl(os.path.join(d, 'scores.jsonl'))
+    assert len(groups) == 4 and all(len(g['responses']) == 4 for g in groups)
+    assert m['pairs'] == len(it.read_jsonl(os.path.join(d, 'pairs.jsonl'))) > 0
+    assert m['dpo_steps'] == 1 and np.isfinite(m['train']['loss'])
+    for k in ('preference_accuracy', 'vqa_accuracy', 'generated_accuracy'):
+      assert 0 <= m['eval_after'][k] <= 1
+    assert os.path.isdir(os.path.join(d, 'policy', 'params'))
+  # the saved policy is still InstructBLIP
+  mcfg, _ = pretrained.saved_model_config(os.path.join(it.round_dir(a, 2), 'policy'))
+  assert it.needs_instruction(mcfg)
+  with open(os.path.join(it.round_dir(a, 2), 'pairs.jsonl')) as fa, \
+       open(os.path.join(it.round_dir(b, 2), 'pairs.jsonl')) as fb:
+    assert fa.read() == fb.read()
+  assert hist_b[0] == hist[0] and hist_b[1]['eval_after'] == hist[1]['eval_after']
+
+
+@pytest.mark.slow
+def test_instructblip_sampling_and_dpo_loss_read_the_instruction(ib_start, ib_run):
+  """Round 1's sampled responses are `mllm_jax.generate` given each prompt's question through
+  the Q-Former tokenizer (and not what an empty instruction gives); round 1's DPO loss on its
+  batch is the hand computation from log-probs with the instruction."""
+  from mllm_jax import generate as gen
+  from mllm_jax.data import conversation, images
+  path, _, tok, _, qtok = ib_start
+  a, hist = ib_run[:2]
+  config = _ib_config(ib_start)
+  mcfg, _ = pretrained.saved_model_config(path)
+  model = MLLM(mcfg)
+  factory = steps.StateFactory(model, shd.make_mesh(config.mesh.to_dict()),
+                               shd.logical_rules(config.sharding.rules))
+  params = pretrained.restore_params(path, factory.abstract_params)
+  mean, std = images.NORMALIZATION[config.data.image_norm]
+  groups = it.read_jsonl(os.path.join(it.round_dir(a, 1), 'scores.jsonl'))
+  samples = [it.prompt_sample(g['sample'], 'train', config.seed, 16) for g in groups]
+  assert [s.messages[0]['content'] for s in samples] == [g['prompt'] for g in groups]
+
+  # sampling: one chunk of 4 prompts x 4 samples, left-padded, seed from (seed, round 1, chunk 0)
+  prompts = [it.prompt_ids(tok, s, 4) for s in samples]
+  width = max(map(len, prompts))
+  ids = np.full((16, width), tok.pad_token_id, np.int32)
+  mask = np.zeros((16, width), np.int32)
+  for row in range(16):
+    p = prompts[row // 4]
+    ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+  pixels = images.normalize(np.stack([samples[row // 4].images[:1] for row in range(16)]),
+                            mean, std)
+  seed = int(np.random.SeedSequence([config.seed, 1, 0]).generate_state(1)[0] >> 1)
+  stops = tok_lib.stop_token_ids(tok)
+
+  def sample(texts):
+    q, qm = _instruction_rows(qtok, [texts[row // 4] for row in range(16)])
+    with jax.set_mesh(factory.mesh):
+      return np.asarray(gen.generate(
+          model, params, ids, mask, pixels, max_new_tokens=4, temperature=1.0,
+          stop_tokens=stops, pad_token_id=tok.pad_token_id, seed=seed, qformer_input_ids=q,
+          qformer_attention_mask=qm))
+
+  def text(toks):
+    toks = toks.tolist()
+    ends = [j for j, t in enumerate(toks) if t in stops]
+    return tok.decode(toks[:ends[0]] if ends else toks, skip_special_tokens=True).strip()
+
+  new = sample([_question(s) for s in samples])
+  assert [[text(new[4 * j + i]) for i in range(4)] for j in range(4)] == \
+      [g['responses'] for g in groups]
+  assert (sample([''] * 4) != new).any()   # the instruction reaches the sampled tokens
+
+  # DPO, step 1: policy = reference, so each pair's DPO term is -log s(0) = log 2, and the SFT
+  # term is the chosen answers' mean negative log-likelihood under the instruction
+  pairs = it.read_jsonl(os.path.join(it.round_dir(a, 1), 'pairs.jsonl'))
+  rows = [pairs[i % len(pairs)] for i in range(config.dpo.batch_size)]
+  pix = images.normalize(np.stack([it.prompt_sample(p['sample'], 'train', config.seed, 16)
+                                   .images[:1] for p in rows]), mean, std)
+
+  fwd = jax.jit(lambda p, i, m, x, q, qm: model.apply(
+      {'params': p}, i, x, m, qformer_input_ids=q, qformer_attention_mask=qm))
+
+  def logps(side, texts):   # summed log-probs of each row's answer tokens, answer token count
+    t = config.data.max_len
+    seq = np.full((len(rows), t), tok.pad_token_id, np.int32)
+    att, loss = np.zeros((len(rows), t), np.int32), np.zeros((len(rows), t), np.float32)
+    for row, p in enumerate(rows):
+      ids, lm, _ = conversation.tokenize_conversation(
+          tok, [{'role': 'user', 'content': p['prompt']},
+                {'role': 'assistant', 'content': p[side]}],
+          num_image_tokens=4, max_len=t, truncate=True)
+      seq[row, :len(ids)], att[row, :len(ids)], loss[row, :len(ids)] = ids, 1, lm
+    with jax.set_mesh(factory.mesh):
+      logits = np.asarray(fwd(params, seq, att, pix, *_instruction_rows(qtok, texts)),
+                          np.float32)[:, :-1]
+    lp = np.take_along_axis(jax.nn.log_softmax(logits, -1), seq[:, 1:, None], -1)[..., 0]
+    return (lp * loss[:, 1:]).sum(1), loss[:, 1:].sum()
+
+  questions = [p['prompt'].split('\n')[-1] for p in rows]
+  pc, n_sft = logps('chosen', questions)
+  pr, _ = logps('rejected', questions)
+  pref = config.dpo.preference
+  want = pref.alpha * np.log(2.0) + pref.gamma * -pc.sum() / n_sft
+  got = hist[0]['train']
+  np.testing.assert_allclose(got['logps/chosen'], pc.mean(), rtol=1e-4)
+  np.testing.assert_allclose(got['logps/rejected'], pr.mean(), rtol=1e-4)
+  np.testing.assert_allclose(got['loss'], want, rtol=1e-4)
+  # ... which an empty instruction would not give
+  assert abs(logps('chosen', [''] * len(rows))[0].mean() - pc.mean()) > 1e-3 * abs(pc.mean())
+
+
+def test_reward_model_scorer_reads_the_instruction(ib_start, tmp_path):
+  from mllm_jax.data import conversation, images
+  path, _, tok, _, qtok = ib_start
+  mcfg, _ = pretrained.saved_model_config(path)
+  rm = reward.RewardModel(mcfg)
+  f = steps.StateFactory(rm, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+                         shd.logical_rules('dp'))
+  params = reward.from_policy(f, path, jax.random.key(1))
+  pretrained.save_params(str(tmp_path / 'rm'), rm, params)
+  s = [it.prompt_sample(i, 'train', 0, 16) for i in range(2)]
+  items = [(x.messages[0]['content'], resp, x) for x, resp in zip(s, ['red', 'two'])]
+  assert len(tok) > mcfg.connector.qformer.vocab_size   # not the Q-Former's tokenizer: an error
+  with pytest.raises(ValueError, match='Q-Former vocabulary'):
+    it.reward_model_scorer(str(tmp_path / 'rm'), tok, f.mesh, f.rules, 48, 'clip', 4)
+  score = it.reward_model_scorer(str(tmp_path / 'rm'), tok, f.mesh, f.rules, 48, 'clip', 4,
+                                 qformer_tokenizer=qtok, qformer_max_len=QLEN)
+  got = score(items)
+
+  # directly: the conversations and instructions padded differently (to their longest), one call
+  # with each prompt's question, and again with another instruction
+  rows = [(p, r, x, _question(x)) for p, r, x in items]
+  rows += [(p, r, x, 'how many') for p, r, x in items]
+  convs = [conversation.tokenize_conversation(
+      tok, [{'role': 'user', 'content': p}, {'role': 'assistant', 'content': r}],
+      num_image_tokens=4)[0] for p, r, _, _ in rows]
+  qs = [qtok(t)['input_ids'] for *_, t in rows]
+  ids, att = np.zeros((4, max(map(len, convs))), np.int32), np.zeros((4, max(map(len, convs))))
+  q, qm = np.zeros((4, max(map(len, qs))), np.int32), np.zeros((4, max(map(len, qs))), np.int32)
+  for row, (c, qi) in enumerate(zip(convs, qs)):
+    ids[row, :len(c)], att[row, :len(c)], q[row, :len(qi)], qm[row, :len(qi)] = c, 1, qi, 1
+  px = images.normalize(np.stack([x.images[:1] for _, _, x, _ in rows]), images.CLIP_MEAN,
+                        images.CLIP_STD)
+  want = np.asarray(jax.jit(lambda p: rm.apply(
+      {'params': p}, ids, px, att.astype(np.int32), qformer_input_ids=q,
+      qformer_attention_mask=qm))(params))
+  np.testing.assert_allclose(got, want[:2], rtol=1e-5, atol=1e-6)
+  assert (abs(want[2:] - want[:2]) > 1e-4).all()   # the instruction moves the score

@@ -29,10 +29,19 @@ forced) and the accuracy of the policy's greedy answers to `eval_prompts` held-o
 (exact match: what the rounds optimise), before and after its DPO.
 
 The starting policy is `config.model.init_from` (a training workdir, params checkpoint or
-HF directory), else the config's stages (e.g. pretrain,sft) trained first in WORKDIR/sft.
+HF directory), else the config's stages (e.g. pretrain,sft) trained first in WORKDIR/sft; its
+architecture is the checkpoint's.
+
+InstructBLIP (an instruction-aware Q-Former policy or reward model): every forward the rounds
+run - sampling, the greedy held-out answers, the preference / VQA evaluations, the DPO batches
+(`PairsTask`) and the reward-model scorer - gets each sample's instruction as its SFT data did
+(`synthetic.instruction`, tokenised by `synthetic.QFormerInstructions` to
+`config.data.qformer_max_len`) with the Q-Former tokenizer `config.data.qformer_tokenizer`, else
+an HF start's `qformer_tokenizer/`, else the starting training run's, else the LLM tokenizer.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -120,7 +129,9 @@ def build_pairs(groups: list[dict]) -> tuple[list[dict], dict]:
 class PairsTask(preference.PreferenceTask):
   """Preference batches (the `mllm_jax.data.preference` format) from pair records; batch `start`
   cycles through the records (epochs). A record whose chosen equals its rejected is skipped and
-  counted (`skipped`); a record whose conversation exceeds max_len is truncated."""
+  counted (`skipped`); a record whose conversation exceeds max_len is truncated. With a
+  `qformer_tokenizer` (InstructBLIP), each pair also carries its prompt's instruction, as the
+  built-in pairs do (`preference.PreferenceTask.batch_of`)."""
 
   def __init__(self, records: list[dict], tokenizer, **kw):
     super().__init__(tokenizer, **kw)
@@ -153,6 +164,39 @@ class PairsTask(preference.PreferenceTask):
     return self._cache[key]
 
 
+def needs_instruction(mcfg) -> bool:
+  """Whether the model (config) has an instruction-aware Q-Former (InstructBLIP)."""
+  c = mcfg.connector
+  return mcfg.vision is not None and c.kind == 'qformer' and c.qformer.instruction
+
+
+def qformer_instructions(mcfg, qformer_tokenizer, max_len: int, what: str):
+  """The Q-Former input builder of an instruction-aware model config `mcfg` (None for any other
+  model): `synthetic.QFormerInstructions`, the tokenisation the SFT data used, with
+  `qformer_tokenizer`; a tokenizer larger than the Q-Former's vocabulary is an error naming
+  `what` (the model)."""
+  if not needs_instruction(mcfg):
+    return None
+  vocab = mcfg.connector.qformer.vocab_size
+  if len(qformer_tokenizer) > vocab:
+    raise ValueError(f'{what}: its Q-Former vocabulary ({vocab}) is smaller than the Q-Former '
+                     f'tokenizer ({len(qformer_tokenizer)} tokens): config.data.qformer_tokenizer '
+                     'must be the tokenizer the model was trained with')
+  return synthetic.QFormerInstructions(qformer_tokenizer, max_len)
+
+
+def _instruction_rows(mcfg, instructions, samples, split: str) -> dict[str, np.ndarray]:
+  """{'qformer_input_ids', 'qformer_attention_mask'} [len(samples), L] of the samples'
+  instructions for an instruction-aware model, else {}."""
+  if not needs_instruction(mcfg):
+    return {}
+  if instructions is None:
+    raise ValueError('an instruction-aware Q-Former (InstructBLIP) needs its instruction: pass '
+                     '`instructions` (qformer_instructions)')
+  return instructions([synthetic.instruction(s) for s in samples],
+                      [f'{split} sample {s.index}' for s in samples])
+
+
 def prompt_ids(tokenizer, sample, num_image_tokens: int) -> np.ndarray:
   """Token ids of the user turn + the generation prompt (image tags expanded): the tokens
   before the answer in the training conversation, so sampling sees what SFT saw."""
@@ -163,10 +207,14 @@ def prompt_ids(tokenizer, sample, num_image_tokens: int) -> np.ndarray:
 
 def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tuple,
                      num_image_tokens: int, k: int | None = None,
-                     temperature: float | None = None) -> list[list[str]]:
+                     temperature: float | None = None,
+                     instructions: synthetic.QFormerInstructions | None = None,
+                     split: str = 'train') -> list[list[str]]:
   """`k` (default `it.samples_per_prompt`) responses (text) per sample at `temperature`
   (default `it.temperature`; 0 = greedy), from batches of `it.generate_batch` rows; row chunk
-  c is sampled with a seed drawn from (*seed, c)."""
+  c is sampled with a seed drawn from (*seed, c). An instruction-aware Q-Former (InstructBLIP)
+  reads each sample's instruction (`synthetic.instruction`: its question, as in SFT) through
+  `instructions` (`qformer_instructions`); `split` names the samples in its errors."""
   factory, params = policy
   k = it.samples_per_prompt if k is None else k
   temperature = it.temperature if temperature is None else temperature
@@ -176,6 +224,7 @@ def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tupl
   out: list[list[str]] = [[] for _ in samples]
   prompts = [prompt_ids(tokenizer, s, num_image_tokens) for s in samples]
   width = max(len(p) for p in prompts)
+  q = _instruction_rows(factory.model.cfg, instructions, samples, split)   # [len(samples), L]
   # generate's shape probe (lru-cached) fails inside a mesh context: run it outside first
   gen.tokens_per_image(factory.model)
   with jax.set_mesh(factory.mesh), nn.logical_axis_rules(factory.rules):
@@ -185,16 +234,18 @@ def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tupl
       ids = np.full((n, width), tokenizer.pad_token_id, np.int32)
       mask = np.zeros((n, width), np.int32)
       pixels = np.zeros((n, 1) + samples[0].images[0].shape, np.uint8)
+      which = np.zeros(n, np.int64)   # row -> sample
       for r in range(n):
         i, s = chunk[r] if r < len(chunk) else chunk[0]
         p = prompts[i]
         ids[r, width - len(p):], mask[r, width - len(p):] = p, 1   # left padding
-        pixels[r, 0] = s.images[0]
+        pixels[r, 0], which[r] = s.images[0], i
       new = np.asarray(gen.generate(
           factory.model, params, ids, mask, image_utils.normalize(pixels, mean, std),
           max_new_tokens=it.max_new_tokens, temperature=temperature, top_k=it.top_k,
           top_p=it.top_p, stop_tokens=stops, pad_token_id=tokenizer.pad_token_id,
-          seed=int(np.random.SeedSequence([*seed, c]).generate_state(1)[0] >> 1)))
+          seed=int(np.random.SeedSequence([*seed, c]).generate_state(1)[0] >> 1),
+          **{key: x[which] for key, x in q.items()}))
       for r, (i, _) in enumerate(chunk):
         toks = new[r].tolist()
         ends = [j for j, t in enumerate(toks) if t in stops]
@@ -204,12 +255,17 @@ def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tupl
 
 
 def reward_model_scorer(path: str, tokenizer, mesh, rules, max_len: int, image_norm: str,
-                        batch_size: int):
-  """A batched scorer: the reward model at `path` scores (prompt, response) conversations."""
+                        batch_size: int, qformer_tokenizer=None, qformer_max_len: int = 32):
+  """A batched scorer: the reward model at `path` scores (prompt, response) conversations. An
+  instruction-aware Q-Former reward model (InstructBLIP) reads each sample's instruction
+  tokenised with `qformer_tokenizer` (default: `tokenizer`) as its SFT / reward data did."""
   from mllm_jax.train import reward
   factory, params = reward.load_reward(path, mesh, rules)
+  mcfg = factory.model.cfg
   mean, std = image_utils.NORMALIZATION[image_norm]
-  n_img = factory.model.cfg.vision.num_tokens if factory.model.cfg.vision else 0
+  n_img = mcfg.image_tokens if mcfg.vision else 0
+  instructions = qformer_instructions(mcfg, qformer_tokenizer or tokenizer, qformer_max_len,
+                                      f'reward model {path}')
 
   def score_all(items):   # [(prompt, response, sample)] -> [float]
     out = []
@@ -226,8 +282,13 @@ def reward_model_scorer(path: str, tokenizer, mesh, rules, max_len: int, image_n
         ids[r, :len(t)], mask[r, :len(t)] = t, 1
         pixels[r, 0] = s.images[0]
       mask[len(chunk):, 0] = 1    # unused rows: one token, ignored
+      q = {}
+      if instructions is not None:   # the prompt's question, image tags removed (as in SFT)
+        texts = [synthetic.questions([{'role': 'user', 'content': x[0]}]) for x in chunk]
+        q = instructions(texts + texts[:1] * (batch_size - len(chunk)),   # unused rows: row 0's
+                         [f'scored prompt {start + j}' for j in range(batch_size)])
       r = reward.score_sequences(factory, params, ids, mask,
-                                 image_utils.normalize(pixels, mean, std))
+                                 image_utils.normalize(pixels, mean, std), **q)
       out += r[:len(chunk)].tolist()
     return out
 
@@ -282,6 +343,33 @@ def _start_policy(config, workdir):
   return reward.setup_from_policy(config, workdir)
 
 
+def qformer_tokenizer_path(config, workdir: str) -> str:
+  """Where the Q-Former tokenizer of an InstructBLIP start is ('' = the LLM tokenizer):
+  `config.data.qformer_tokenizer`, else the `qformer_tokenizer/` of an HF start
+  (InstructBlipProcessor's), else the starting training run's own `data.qformer_tokenizer` (so
+  the rounds tokenise each instruction as its SFT did)."""
+  from mllm_jax.convert import run_config
+  if config.data.qformer_tokenizer:
+    return config.data.qformer_tokenizer
+  init = config.model.init_from
+  if init and os.path.isdir(os.path.join(init, 'qformer_tokenizer')):
+    return os.path.join(init, 'qformer_tokenizer')
+  run = run_config(init or os.path.join(workdir, 'sft'))
+  return (run.data.get('qformer_tokenizer', '') or '') if run is not None else ''
+
+
+def policy_config(config, mcfg, qformer_tokenizer: str):
+  """A copy of `config` whose connector kind, Q-Former instruction flag and Q-Former tokenizer
+  are the policy checkpoint's (its architecture wins over config.model), so the evaluation
+  tasks `loop` builds from it give an InstructBLIP policy its instruction, and no other policy
+  one."""
+  out = copy.deepcopy(config)
+  out.model.connector.kind = mcfg.connector.kind
+  out.model.connector.qformer.instruction = bool(needs_instruction(mcfg))
+  out.data.qformer_tokenizer = qformer_tokenizer
+  return out
+
+
 def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   """Every round of `config.iterative` (resuming at the first unfinished one); returns the
   per-round metrics. `scorer` overrides config.iterative.scorer."""
@@ -300,6 +388,20 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   if scorer is None:
     scorer = load_scorer(it.scorer)
   tokenizer, mcfg, start = _start_policy(config, workdir)
+  # InstructBLIP: every forward of the policy (sampling, evaluation, DPO) and of the reward
+  # model reads the sample's instruction, tokenised as its SFT data was
+  qpath = qformer_tokenizer_path(config, workdir)
+  config = policy_config(config, mcfg, qpath)
+
+  def qformer_tokenizer():   # loaded only for a model with an instruction-aware Q-Former
+    if not qpath:
+      return tokenizer
+    import transformers
+    return transformers.AutoTokenizer.from_pretrained(qpath)
+
+  qlen = config.data.qformer_max_len
+  instructions = (qformer_instructions(mcfg, qformer_tokenizer(), qlen, f'policy {start}')
+                  if needs_instruction(mcfg) else None)
   mesh = shd.make_mesh(config.mesh.to_dict())
   rules = shd.logical_rules(config.sharding.rules)
   factory = steps.StateFactory(MLLM(mcfg), mesh, rules)
@@ -308,9 +410,10 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
       raise ValueError("config.iterative.scorer='reward_model' needs "
                        'config.iterative.reward_model (a reward model saved by '
                        'python -m mllm_jax.train.reward, e.g. WORKDIR/reward/model)')
-    batch_scorer = reward_model_scorer(it.reward_model, tokenizer, mesh, rules,
-                                       config.data.max_len, config.data.image_norm,
-                                       it.generate_batch)
+    batch_scorer = reward_model_scorer(
+        it.reward_model, tokenizer, mesh, rules, config.data.max_len, config.data.image_norm,
+        it.generate_batch, qformer_tokenizer=(instructions.tokenizer if instructions else
+                                              qformer_tokenizer()), qformer_max_len=qlen)
   if mcfg.vision is None or mcfg.image_grid_pinpoints:
     raise ValueError(f'{start}: the iterative driver samples on the built-in scenes task, which '
                      'needs a model with a single-tile vision tower')
@@ -320,8 +423,9 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   v = mcfg.vision
   eval_task = loop.make_task(config, tokenizer, mcfg, 'dpo', 'eval')
   task_kw = dict(split='train', seed=config.seed, image_size=v.image_size,
-                 num_image_tokens=v.num_tokens, max_len=config.data.max_len,
-                 image_mean=eval_task.image_mean, image_std=eval_task.image_std)
+                 num_image_tokens=mcfg.image_tokens, max_len=config.data.max_len,
+                 image_mean=eval_task.image_mean, image_std=eval_task.image_std,
+                 qformer_tokenizer=instructions and instructions.tokenizer, qformer_max_len=qlen)
   history = []
   mask = factory.mask(sc.trainable, 'config.dpo.trainable')
   compiled: dict = {}
@@ -334,8 +438,8 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
            'vqa_accuracy': res['eval/accuracy']}
     if held_out:   # what the rounds optimise: answers the policy generates (greedy) are right
       answers = sample_responses((factory, params), tokenizer, held_out, it,
-                                 config.data.image_norm, (config.seed,), v.num_tokens, k=1,
-                                 temperature=0.0)
+                                 config.data.image_norm, (config.seed,), mcfg.image_tokens,
+                                 k=1, temperature=0.0, instructions=instructions, split='eval')
       out['generated_accuracy'] = float(np.mean(
           [exact_match('', a[0], s) for a, s in zip(answers, held_out)]))
     return out
@@ -371,7 +475,8 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
                  for i in range(first, first + it.prompts_per_round)]
       responses = sample_responses((factory, policy), tokenizer, samples, it,
                                    config.data.image_norm, seed=(config.seed, r),
-                                   num_image_tokens=v.num_tokens)
+                                   num_image_tokens=mcfg.image_tokens,
+                                   instructions=instructions)
       items = [(s.messages[0]['content'], resp, s) for s, rs in zip(samples, responses)
                for resp in rs]
       flat = (batch_scorer(items) if batch_scorer is not None

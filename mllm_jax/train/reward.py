@@ -177,15 +177,20 @@ def evaluate_rewards(factory, params, task, examples: int, batch_size: int) -> d
           'eval/rewards/rejected': totals['rejected'] / n}
 
 
-def score_sequences(factory, params, input_ids, attention_mask, pixel_values=None):
-  """Rewards [B] of ready-made sequences (numpy); jitted once per shape."""
-  key = ('score', pixel_values is None)
+def score_sequences(factory, params, input_ids, attention_mask, pixel_values=None,
+                    qformer_input_ids=None, qformer_attention_mask=None):
+  """Rewards [B] of ready-made sequences (numpy); jitted once per shape. An instruction-aware
+  Q-Former (InstructBLIP) reads qformer_input_ids / qformer_attention_mask [B, L]."""
+  qformer = {k: v for k, v in (('qformer_input_ids', qformer_input_ids),
+                               ('qformer_attention_mask', qformer_attention_mask))
+             if v is not None}
+  key = ('score', pixel_values is None, tuple(qformer))
   if key not in factory.compiled:
-    factory.compiled[key] = jax.jit(lambda p, i, m, x: factory.model.apply(
-        {'params': p}, input_ids=i, attention_mask=m, pixel_values=x))
+    factory.compiled[key] = jax.jit(lambda p, i, m, x, q: factory.model.apply(
+        {'params': p}, input_ids=i, attention_mask=m, pixel_values=x, **q))
   with jax.set_mesh(factory.mesh), nn.logical_axis_rules(factory.rules):
     return np.asarray(jax.device_get(
-        factory.compiled[key](params, input_ids, attention_mask, pixel_values)))
+        factory.compiled[key](params, input_ids, attention_mask, pixel_values, qformer)))
 
 
 # ----------------------------------------------------------------------------------------------
