@@ -348,7 +348,7 @@ def qformer_tokenizer_path(config, workdir: str) -> str:
   `config.data.qformer_tokenizer`, else the `qformer_tokenizer/` of an HF start
   (InstructBlipProcessor's), else the starting training run's own `data.qformer_tokenizer` (so
   the rounds tokenise each instruction as its SFT did)."""
-  from mllm_jax.convert import run_config
+  from mllm_jax.hf.pretrained import run_config
   if config.data.qformer_tokenizer:
     return config.data.qformer_tokenizer
   init = config.model.init_from
