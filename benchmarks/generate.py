@@ -8,8 +8,9 @@ The bench model of benchmarks/train_step.py (benchmarks/common.py) is built in t
 into mllm_jax with mllm_jax.load_hf, so both decode the same weights; prompts are BOS + 196
 image tokens + text (256 tokens), greedy, no stop token, in one process with the same threads.
 Prefill time = a run with max_new_tokens=1; decode tokens/s = batch x (N - 1) / median over
-repeats of (time(N) - time(1)), both timed back to back (after an untimed call) in each
-repeat, frameworks in turn.
+repeats of (time(N) - time(1)), both timed back to back in each repeat, frameworks in turn;
+each turn starts with --settle untimed calls (alternately 1 and N new tokens), since the first
+calls after the other framework ran are slow ones a generation server never sees.
 Runs re-exec with glibc.malloc.hugetlb=1 like the training CLI (`--no-hugepages`: don't).
 Last line (batch 8):
     decode_tokens_per_s=<x> transformers_decode_tokens_per_s=<x> ratio=<x>
@@ -45,6 +46,8 @@ def main(argv=None):
   p.add_argument('--new-tokens', type=int, default=64)
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--quick', action='store_true')
+  p.add_argument('--settle', type=int, default=2,
+                 help='untimed calls at the start of each turn (1, N, 1, ... new tokens)')
   p.add_argument('--scan-too', action='store_true',
                  help="also time layer_loop='scan' (the TPU/GPU default) in the same run")
   p.add_argument('--no-hugepages', action='store_true',
@@ -112,7 +115,7 @@ def main(argv=None):
     if args.scan_too:
       runs.append(('mllm_jax scan', lambda n: ours(n, 'scan')))
     # Paired, interleaved timings: each repeat times (1 new token, n new tokens) for every
-    # framework in turn, after one untimed call, and decode time = median over repeats of the
+    # framework in turn, after --settle untimed calls, and decode time = median over repeats of the
     # pair's difference, so a slow moment of the machine hits both frameworks and does not
     # leak from a prefill timing into the decode estimate.
     fns = {name: (make(1), make(n)) for name, make in runs}
@@ -121,7 +124,8 @@ def main(argv=None):
     t1s, diffs = {name: [] for name in fns}, {name: [] for name in fns}
     for _ in range(args.repeats):
       for name, (one, many) in fns.items():
-        one()   # untimed: the first call after the other framework ran is a cold one
+        for i in range(args.settle):   # untimed: the first calls after the other framework ran
+          (one if i % 2 == 0 else many)()
         t1, tn = stopwatch(one), stopwatch(many)
         t1s[name].append(t1)
         diffs[name].append(tn - t1)
