@@ -140,14 +140,20 @@ def test_pair_records_with_chosen_equal_rejected_are_counted_and_skipped(start):
     it.PairsTask([recs[1]], tok, image_size=16, num_image_tokens=4, max_len=48)
 
 
-def test_reward_model_scorer_scores_each_conversation(start, tmp_path):
-  path, _, tok = start
-  mcfg, _ = pretrained.saved_model_config(path)
+def saved_reward_model(policy, out):
+  """A reward model on `policy` (params checkpoint) saved at `out`: (model, factory, params)."""
+  mcfg, _ = pretrained.saved_model_config(policy)
   rm = reward.RewardModel(mcfg)
   f = steps.StateFactory(rm, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
                          shd.logical_rules('dp'))
-  params = reward.from_policy(f, path, jax.random.key(1))
-  pretrained.save_params(str(tmp_path / 'rm'), rm, params)
+  params = reward.from_policy(f, policy, jax.random.key(1))
+  pretrained.save_params(out, rm, params)
+  return rm, f, params
+
+
+def test_reward_model_scorer_scores_each_conversation(start, tmp_path):
+  path, _, tok = start
+  rm, f, params = saved_reward_model(path, str(tmp_path / 'rm'))
   score = it.reward_model_scorer(str(tmp_path / 'rm'), tok, f.mesh, f.rules, 48, 'clip', 4)
   s = [it.prompt_sample(i, 'train', 0, 16) for i in range(3)]
   items = [(x.messages[0]['content'], resp, x) for x, resp in zip(s, ['red', 'two', 'no'])]
@@ -354,12 +360,8 @@ def test_instructblip_sampling_and_dpo_loss_read_the_instruction(ib_start, ib_ru
 def test_reward_model_scorer_reads_the_instruction(ib_start, tmp_path):
   from mllm_jax.data import conversation, images
   path, _, tok, _, qtok = ib_start
-  mcfg, _ = pretrained.saved_model_config(path)
-  rm = reward.RewardModel(mcfg)
-  f = steps.StateFactory(rm, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
-                         shd.logical_rules('dp'))
-  params = reward.from_policy(f, path, jax.random.key(1))
-  pretrained.save_params(str(tmp_path / 'rm'), rm, params)
+  rm, f, params = saved_reward_model(path, str(tmp_path / 'rm'))
+  mcfg = rm.cfg
   s = [it.prompt_sample(i, 'train', 0, 16) for i in range(2)]
   items = [(x.messages[0]['content'], resp, x) for x, resp in zip(s, ['red', 'two'])]
   assert len(tok) > mcfg.connector.qformer.vocab_size   # not the Q-Former's tokenizer: an error
