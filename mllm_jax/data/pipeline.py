@@ -695,8 +695,9 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
       kind=kind, max_len=d.max_len, buckets=buckets, max_images=d.max_images,
       image_size=mcfg.vision.image_size, num_image_tokens=mcfg.image_tokens,
       image_norm=d.image_norm, pad_to_square=d.pad_to_square, bad_input=d.bad_input,
-      truncate=d.truncate, packing=d.packing and split == 'train', window=d.window,
-      workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed,
+      # packing is for SFT / pretraining stages; a run's DPO stage batches one pair per row
+      truncate=d.truncate, packing=d.packing and split == 'train' and kind != 'preference',
+      window=d.window, workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed,
       qformer_max_len=qformer_max_len)
   files = lambda s: [f.strip() for f in str(s).split(',') if f.strip()]
   if d.source == 'llava_json':
