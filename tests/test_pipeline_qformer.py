@@ -276,6 +276,7 @@ def test_packed_rows_give_each_image_its_own_instruction(tok, qtok, root, tmp_pa
 
 # ---- (3) the training job ----------------------------------------------------------------------
 
+@pytest.mark.slow   # ~50 s of CPU: two stages' compilations
 def test_instructblip_sft_and_dpo_from_llava_json(root, qtok_dir, tmp_path):
   """configs/demo_qformer.py shrunk, stages sft (packed LLaVA JSON conversations) then dpo
   (TRL preference records, JSONL) through `loop.run`, the Q-Former reading a BERT tokenizer of
