@@ -106,6 +106,7 @@ def check_rows(qtok, b, expected, rows):
     np.testing.assert_array_equal(b['qformer_input_ids'][r], ids, err_msg=str(texts))
     np.testing.assert_array_equal(b['qformer_attention_mask'][r], mask, err_msg=str(texts))
     assert b['num_images'][r] == len(texts)
+  assert (b['qformer_input_ids'] != qtok.unk_token_id).all()   # real word pieces, no [UNK]
 
 
 # ---- (1) which text, tokenised how -------------------------------------------------------------
