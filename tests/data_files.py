@@ -76,3 +76,13 @@ def numbered_records(n: int, image_every: int = 2):
       turns += [('human', 'and then?'), ('gpt', f'then {i}')]
     recs.append(conv(*turns, image=img, sid=f'r{i}'))
   return recs
+
+
+def build_bert_tokenizer(out_dir: str, texts) -> str:
+  """A real BERT WordPiece tokenizer (InstructBLIP's Q-Former tokenizer class: lower case,
+  [CLS] ... [SEP], pad [PAD] = 0) over the words of `texts`, saved in HF format."""
+  import re
+  words = sorted({w for t in texts for w in re.findall(r'\w+|[^\w\s]', t.lower())})
+  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
+  transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(out_dir)
+  return out_dir

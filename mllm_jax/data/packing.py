@@ -3,7 +3,14 @@ samples per row (packing, with segment ids and per-sample positions), or prefere
 
 A sample is a dict of one tokenised example:
   input_ids int32 [N], loss_mask float32 [N], turn_ids int32 [N], pixel_values float32 [n, H, W, 3]
-(preference: chosen_/rejected_ input_ids and loss_mask, pixel_values).
+(preference: chosen_/rejected_ input_ids and loss_mask, pixel_values); for an
+instruction-aware Q-Former (InstructBLIP) also each image's instruction,
+  qformer_input_ids / qformer_attention_mask int32 [n, L] (padded to L = qformer_max_len).
+
+Batches keep them per image slot, aligned with pixel_values [R, M, H, W, 3]:
+  qformer_input_ids / qformer_attention_mask int32 [R, M, L]
+so a packed row's images each carry their own sample's instruction (collate functions take
+`qformer=(L, pad_id)`; None = no Q-Former instruction).
 """
 from __future__ import annotations
 
@@ -29,62 +36,78 @@ def bucket_length(n: int, buckets: Sequence[int]) -> int:
   raise ValueError(f'{n} tokens exceed the largest bucket {buckets[-1]}')
 
 
-def _empty_rows(rows, seq_len, max_images, image_shape, pad_id, *int_keys):
+def _empty_rows(rows, seq_len, max_images, image_shape, pad_id, qformer, *int_keys):
   """Padding-filled batch buffers: text [rows, seq_len] (+ `int_keys`, zeros), image slots."""
   out = {'input_ids': np.full((rows, seq_len), pad_id, np.int32),
          'attention_mask': np.zeros((rows, seq_len), np.int32),
          'loss_mask': np.zeros((rows, seq_len), np.float32)}
   out.update({k: np.zeros((rows, seq_len), np.int32) for k in int_keys})
-  out.update(pixel_values=_pixels(rows, max_images, image_shape),
-             num_images=np.zeros((rows,), np.int32))
+  out.update(_image_slots(rows, max_images, image_shape, qformer))
   return out
 
 
-def _pixels(rows: int, max_images: int, image_shape) -> np.ndarray:
-  return np.zeros((rows, max_images) + tuple(image_shape), np.float32)
+def _image_slots(rows: int, max_images: int, image_shape, qformer) -> dict[str, np.ndarray]:
+  """Empty image slots: pixel_values [R, M, H, W, 3], num_images [R], and with
+  qformer=(L, pad_id) the slots' instructions [R, M, L] (pad ids, mask 0)."""
+  out = {'pixel_values': np.zeros((rows, max_images) + tuple(image_shape), np.float32),
+         'num_images': np.zeros((rows,), np.int32)}
+  if qformer is not None:
+    length, pad = qformer
+    out['qformer_input_ids'] = np.full((rows, max_images, length), pad, np.int32)
+    out['qformer_attention_mask'] = np.zeros((rows, max_images, length), np.int32)
+  return out
+
+
+def _put_images(out: dict, row: int, slot: int, sample: dict) -> int:
+  """The sample's images (and their instructions) into row `row` from image slot `slot` on;
+  returns the number of images."""
+  k = len(sample['pixel_values'])
+  out['pixel_values'][row, slot:slot + k] = sample['pixel_values']
+  if 'qformer_input_ids' in out:
+    for key in ('qformer_input_ids', 'qformer_attention_mask'):
+      out[key][row, slot:slot + k] = sample[key]
+  return k
 
 
 def collate(samples: Sequence[dict], rows: int, seq_len: int, max_images: int, image_shape,
-            pad_id: int, pairs: bool = False) -> dict[str, np.ndarray]:
+            pad_id: int, pairs: bool = False, qformer: tuple[int, int] | None = None
+            ) -> dict[str, np.ndarray]:
   """One sample per row, right-padded to seq_len; rows beyond len(samples) are empty (all
   masks 0), so a short final batch keeps its shape without adding loss.
 
   Returns input_ids, attention_mask, turn_ids [R, T] int32, loss_mask [R, T] float32,
-  pixel_values [R, M, H, W, 3] float32 (unused slots zero), num_images [R] int32; or with
+  pixel_values [R, M, H, W, 3] float32 (unused slots zero), num_images [R] int32, with
+  qformer=(L, pad_id) qformer_input_ids / qformer_attention_mask [R, M, L] int32; or with
   pairs=True (preference samples) `collate_pairs`' arrays.
   """
   if pairs:
-    return collate_pairs(samples, rows, seq_len, max_images, image_shape, pad_id)
-  out = _empty_rows(rows, seq_len, max_images, image_shape, pad_id, 'turn_ids')
+    return collate_pairs(samples, rows, seq_len, max_images, image_shape, pad_id, qformer)
+  out = _empty_rows(rows, seq_len, max_images, image_shape, pad_id, qformer, 'turn_ids')
   for r, s in enumerate(samples):
-    n, k = len(s['input_ids']), len(s['pixel_values'])
+    n = len(s['input_ids'])
     for key in TEXT_KEYS:
       out[key][r, :n] = s[key]
     out['attention_mask'][r, :n] = 1
-    out['pixel_values'][r, :k] = s['pixel_values']
-    out['num_images'][r] = k
+    out['num_images'][r] = _put_images(out, r, 0, s)
   return out
 
 
-def collate_pairs(samples, rows, seq_len, max_images, image_shape, pad_id):
+def collate_pairs(samples, rows, seq_len, max_images, image_shape, pad_id, qformer=None):
   """Preference pairs: chosen_/rejected_ {input_ids, attention_mask, loss_mask} [R, T] and the
-  pair's shared pixel_values [R, M, H, W, 3]."""
+  pair's shared pixel_values [R, M, H, W, 3] (and instructions [R, M, L])."""
   out = {}
   for side in ('chosen', 'rejected'):
     out[f'{side}_input_ids'] = np.full((rows, seq_len), pad_id, np.int32)
     out[f'{side}_attention_mask'] = np.zeros((rows, seq_len), np.int32)
     out[f'{side}_loss_mask'] = np.zeros((rows, seq_len), np.float32)
-  out['pixel_values'] = _pixels(rows, max_images, image_shape)
-  out['num_images'] = np.zeros((rows,), np.int32)
+  out.update(_image_slots(rows, max_images, image_shape, qformer))
   for r, s in enumerate(samples):
     for side in ('chosen', 'rejected'):
       n = len(s[f'{side}_input_ids'])
       out[f'{side}_input_ids'][r, :n] = s[f'{side}_input_ids']
       out[f'{side}_attention_mask'][r, :n] = 1
       out[f'{side}_loss_mask'][r, :n] = s[f'{side}_loss_mask']
-    k = len(s['pixel_values'])
-    out['pixel_values'][r, :k] = s['pixel_values']
-    out['num_images'][r] = k
+    out['num_images'][r] = _put_images(out, r, 0, s)
   return out
 
 
@@ -102,7 +125,8 @@ def first_fit(bins: list[list[dict]], used: list[list[int]], sample: dict, seq_l
 
 
 def collate_packed(bins: Sequence[Sequence[dict]], rows: int, seq_len: int, max_images: int,
-                   image_shape, pad_id: int) -> dict[str, np.ndarray]:
+                   image_shape, pad_id: int, qformer: tuple[int, int] | None = None
+                   ) -> dict[str, np.ndarray]:
   """Several samples per row, concatenated in bin order.
 
   Besides collate()'s arrays (turn_ids dropped: answer indices would collide across samples):
@@ -110,19 +134,21 @@ def collate_packed(bins: Sequence[Sequence[dict]], rows: int, seq_len: int, max_
                               inside a sample;
     positions   [R, T] int32  0.. within each sample: RoPE sees every sample from position 0.
   The loss mask stays each sample's own (a sample's first token is never a target, so no
-  token is predicted across a boundary). A row's images are its samples' images in order.
+  token is predicted across a boundary). A row's images are its samples' images in order, each
+  slot with its own sample's Q-Former instruction (the model's image features fill the row's
+  image tokens in the same order, so every sample's tokens get its own images' queries).
   """
-  out = _empty_rows(rows, seq_len, max_images, image_shape, pad_id, 'segment_ids', 'positions')
+  out = _empty_rows(rows, seq_len, max_images, image_shape, pad_id, qformer, 'segment_ids',
+                    'positions')
   for r, samples in enumerate(bins):
     t = k = 0
     for seg, s in enumerate(samples, 1):
-      n, m = len(s['input_ids']), len(s['pixel_values'])
+      n = len(s['input_ids'])
       out['input_ids'][r, t:t + n] = s['input_ids']
       out['loss_mask'][r, t:t + n] = s['loss_mask']
       out['attention_mask'][r, t:t + n] = 1
       out['segment_ids'][r, t:t + n] = seg
       out['positions'][r, t:t + n] = np.arange(n)
-      out['pixel_values'][r, k:k + m] = s['pixel_values']
-      t, k = t + n, k + m
+      t, k = t + n, k + _put_images(out, r, k, s)
     out['num_images'][r] = k
   return out

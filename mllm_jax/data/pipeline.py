@@ -4,7 +4,9 @@
     -> grain.MapDataset: global shuffle by seed, reshuffled every epoch, repeated
     -> this process's rows: [process_index::process_count]
     -> Preprocess (parse + validate the record, decode + resize the images, chat template ->
-       ids / loss mask with image tokens expanded): in `workers` grain worker processes
+       ids / loss mask with image tokens expanded; for an instruction-aware Q-Former each
+       image's instruction tokenised with its own tokenizer): in `workers` grain worker
+       processes
     -> WindowBatcher: reads a window of samples, drops and counts bad ones, and makes
        fixed-shape batches: length buckets (one sample per row, padded to the smallest bucket
        that fits) or packing (first-fit, several samples per row with segment ids)
@@ -32,7 +34,7 @@ import grain
 import numpy as np
 from PIL import Image, ImageOps
 
-from mllm_jax.data import conversation, images, packing, records
+from mllm_jax.data import conversation, images, packing, records, synthetic
 
 SKIPPED = '_skipped'   # batch key of the skip counts (int64 [len(REASONS)]) of a window
 
@@ -52,6 +54,10 @@ class PipelineConfig:
   packing: several samples per row; window: batches formed per window of samples.
   workers: grain worker processes for preprocessing (0 = in this process).
   seed: shuffle seed.
+  qformer_max_len: > 0 for an instruction-aware Q-Former (InstructBLIP): each image's
+  instruction (`records.image_instructions`) is tokenised with the Q-Former tokenizer and
+  padded to this length (`qformer_input_ids` / `qformer_attention_mask` [B, max_images, L]);
+  a longer instruction is bad input ('too_long'), or cut to it with `truncate`.
   """
   kind: str = 'conversation'
   max_len: int = 2048
@@ -69,6 +75,7 @@ class PipelineConfig:
   worker_buffer: int = 2
   seed: int = 0
   image_token: str = '<image>'
+  qformer_max_len: int = 0
 
   def __post_init__(self):
     if self.kind not in records.KINDS:
@@ -84,6 +91,9 @@ class PipelineConfig:
     if any(b <= 0 or b > self.max_len for b in self.buckets):
       raise ValueError(f'config.data.buckets={self.buckets}: each must be in 1..max_len='
                        f'{self.max_len}')
+    if self.qformer_max_len < 0:
+      raise ValueError(f'config.data.qformer_max_len={self.qformer_max_len} must be >= 0 '
+                       '(0: the model reads no Q-Former instruction)')
     if self.window < 1 or self.max_images < 1:
       raise ValueError(f'config.data.window={self.window} and max_images={self.max_images} '
                        'must be >= 1')
@@ -142,16 +152,21 @@ class TfdsSource:
 # One record -> one tokenised sample
 # ----------------------------------------------------------------------------------------------
 class Preprocess(grain.transforms.Map):
-  """Raw element -> sample dict (packing.py) or {SKIPPED: reason} under bad_input='skip'."""
+  """Raw element -> sample dict (packing.py) or {SKIPPED: reason} under bad_input='skip'.
 
-  def __init__(self, tokenizer, cfg: PipelineConfig):
-    self.tokenizer, self.cfg = tokenizer, cfg
+  Both tokenizers travel to grain's worker processes with this object (pickled, as
+  transformers' tokenizers are); `qformer_tokenizer` is needed iff cfg.qformer_max_len > 0."""
+
+  def __init__(self, tokenizer, cfg: PipelineConfig, qformer_tokenizer=None):
+    self.tokenizer, self.cfg, self.qformer_tokenizer = tokenizer, cfg, qformer_tokenizer
     self.processor = images.run_processor(cfg.image_norm, cfg.image_size, cfg.pad_to_square)
     self.image_id = conversation.image_token_id(tokenizer, cfg.image_token)
+    self.qformer = qformer_rows(cfg, qformer_tokenizer)
     self._prefix_cache: dict = {}
+    self._instruction_cache: dict = {}
 
-  def __getstate__(self):   # the prefix cache stays in its process
-    return {**self.__dict__, '_prefix_cache': {}}
+  def __getstate__(self):   # the caches stay in their process
+    return {**self.__dict__, '_prefix_cache': {}, '_instruction_cache': {}}
 
   def map(self, element: dict) -> dict:
     try:
@@ -188,8 +203,41 @@ class Preprocess(grain.transforms.Map):
     else:
       ids, loss, turns = self._tokens(rec['messages'], bad)
       out = {'input_ids': ids, 'loss_mask': loss, 'turn_ids': turns}
+    if self.qformer is not None:
+      out.update(self._instructions(rec, bad))
     out['pixel_values'] = self._images(element, rec, bad)
     return out
+
+  def _instructions(self, rec, bad) -> dict[str, np.ndarray]:
+    """Each image's Q-Former instruction: qformer_input_ids / qformer_attention_mask int32
+    [n_images, qformer_max_len]. Captions without a prompt of their own (plain caption pairs)
+    read InstructBLIP's captioning prompt `synthetic.CAPTION_INSTRUCTION`."""
+    n, (length, pad) = len(rec['images']), self.qformer
+    if 'messages' in rec:
+      texts = records.image_instructions(rec['messages'], n)
+    else:
+      texts = [synthetic.CAPTION_INSTRUCTION] * n
+    ids = np.full((n, length), pad, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    for i, text in enumerate(texts):
+      q = self._instruction_ids(text, bad, i)
+      ids[i, :len(q)], mask[i, :len(q)] = q, 1
+    return {'qformer_input_ids': ids, 'qformer_attention_mask': mask}
+
+  def _instruction_ids(self, text, bad, i) -> list[int]:
+    length = self.qformer[0]
+    if text not in self._instruction_cache:
+      if len(self._instruction_cache) > 50_000:
+        self._instruction_cache.clear()
+      self._instruction_cache[text] = self.qformer_tokenizer(text)['input_ids']
+    q = self._instruction_cache[text]
+    if len(q) <= length:
+      return q
+    if not self.cfg.truncate:
+      raise bad('too_long', f'the Q-Former instruction of image {i + 1} ({text[:60]!r}) has '
+                f'{len(q)} tokens > config.data.qformer_max_len={length}')
+    # As LAVIS' InstructBLIP tokenises it: cut to the length, special tokens kept.
+    return self.qformer_tokenizer(text, truncation=True, max_length=length)['input_ids']
 
   def _tokens(self, messages, bad):
     try:
@@ -263,9 +311,9 @@ class WindowBatcher(grain.IterDataset):
   """
 
   def __init__(self, parent: grain.IterDataset, cfg: PipelineConfig, rows: int, pad_id: int,
-               max_consecutive_skips: int):
+               max_consecutive_skips: int, qformer: tuple[int, int] | None = None):
     super().__init__(parent)
-    self.cfg, self.rows, self.pad_id = cfg, rows, pad_id
+    self.cfg, self.rows, self.pad_id, self.qformer = cfg, rows, pad_id, qformer
     self.max_consecutive_skips = max_consecutive_skips
 
   def __iter__(self):
@@ -338,7 +386,7 @@ class _WindowBatcherIterator(grain.DatasetIterator):
           break
       bins = [b for b in bins if b]
       batches = [packing.collate_packed(bins[i:i + rows], rows, c.max_len, c.max_images,
-                                        c.image_shape, self.ds.pad_id)
+                                        c.image_shape, self.ds.pad_id, self.ds.qformer)
                  for i in range(0, len(bins), rows)]
     else:
       samples = []
@@ -352,7 +400,7 @@ class _WindowBatcherIterator(grain.DatasetIterator):
       batches = [packing.collate(ch, rows, packing.bucket_length(packing.length(ch[-1]),
                                                                  c.lengths),
                                  c.max_images, c.image_shape, self.ds.pad_id,
-                                 c.kind == 'preference') for ch in chunks]
+                                 c.kind == 'preference', self.ds.qformer) for ch in chunks]
       order = np.random.default_rng((c.seed, self._window)).permutation(len(batches))
       batches = [batches[i] for i in order]
     if not batches and counts.any():
@@ -363,10 +411,10 @@ class _WindowBatcherIterator(grain.DatasetIterator):
       # Only skipped samples at the end of a finite parent: an empty batch carries their counts.
       if c.packing:
         batches = [packing.collate_packed([], rows, c.max_len, c.max_images, c.image_shape,
-                                          self.ds.pad_id)]
+                                          self.ds.pad_id, self.ds.qformer)]
       else:
         batches = [packing.collate([], rows, c.lengths[0], c.max_images, c.image_shape,
-                                   self.ds.pad_id, c.kind == 'preference')]
+                                   self.ds.pad_id, c.kind == 'preference', self.ds.qformer)]
     if batches:
       batches[0][SKIPPED] = counts
     return batches
@@ -437,8 +485,8 @@ def _pad_to_common_length(b, pad_id):
   if common == t:
     return b
   out = {}
-  for k, v in b.items():
-    if v.ndim >= 2 and v.shape[1] == t and k != 'pixel_values':
+  for k, v in b.items():   # token axes only: not image slots, not Q-Former instructions
+    if v.ndim >= 2 and v.shape[1] == t and k != 'pixel_values' and not k.startswith('qformer_'):
       pad = np.full((v.shape[0], common - t) + v.shape[2:], pad_id if k.endswith('input_ids')
                     else 0, v.dtype)
       v = np.concatenate([v, pad], axis=1)
@@ -482,12 +530,13 @@ class FileTask:
       iterator (whose counts include what it was restored with)
   """
 
-  def __init__(self, tokenizer, source, cfg: PipelineConfig, name: str = 'data'):
+  def __init__(self, tokenizer, source, cfg: PipelineConfig, name: str = 'data',
+               qformer_tokenizer=None):
     if len(source) == 0:
       raise ValueError(f'{name}: the dataset is empty')
     self.tokenizer, self.source, self.cfg, self.name = tokenizer, source, cfg, name
     self.max_len = cfg.max_len
-    self.preprocess = Preprocess(tokenizer, cfg)
+    self.preprocess = Preprocess(tokenizer, cfg, qformer_tokenizer)
     self._good: list[int] = []      # batch(): source indices of usable samples, as found
     self._samples: dict[int, dict] = {}
     self._next_index = 0
@@ -507,7 +556,8 @@ class FileTask:
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if c.workers else 2,
                                               prefetch_buffer_size=max(rows, 2)))
     it = WindowBatcher(it, c, rows, self.tokenizer.pad_token_id,
-                       max_consecutive_skips=2 * len(self.source) + 8)
+                       max_consecutive_skips=2 * len(self.source) + 8,
+                       qformer=self.preprocess.qformer)
     if c.workers:
       from absl import flags
       if not flags.FLAGS.is_parsed():   # grain reads its absl flags; outside an absl app
@@ -566,7 +616,8 @@ class FileTask:
                        f'(skipped by reason: {dict(self._skipped)}): the dataset yields nothing')
     c = self.cfg
     return packing.collate(samples, size, c.max_len, c.max_images, c.image_shape,
-                           self.tokenizer.pad_token_id, c.kind == 'preference')
+                           self.tokenizer.pad_token_id, c.kind == 'preference',
+                           self.preprocess.qformer)
 
   def skipped(self) -> dict[str, int]:
     total = collections.Counter(self._skipped)
@@ -578,11 +629,24 @@ class FileTask:
 # ----------------------------------------------------------------------------------------------
 # Construction from config
 # ----------------------------------------------------------------------------------------------
+def qformer_rows(cfg: PipelineConfig, qformer_tokenizer) -> tuple[int, int] | None:
+  """(qformer_max_len, the Q-Former tokenizer's pad id) when samples carry instructions."""
+  if not cfg.qformer_max_len:
+    return None
+  if qformer_tokenizer is None:
+    raise ValueError('config.data.qformer_max_len > 0 (an instruction-aware Q-Former) needs the '
+                     'Q-Former tokenizer (config.data.qformer_tokenizer)')
+  if qformer_tokenizer.pad_token_id is None:
+    raise ValueError('the Q-Former tokenizer has no pad token (config.data.qformer_tokenizer)')
+  return cfg.qformer_max_len, int(qformer_tokenizer.pad_token_id)
+
+
 def json_task(tokenizer, cfg: PipelineConfig, split: str, train_files: Sequence[str],
               eval_files: Sequence[str] = (), eval_fraction: float = 0.0,
-              image_root: str = '') -> FileTask:
+              image_root: str = '', qformer_tokenizer=None) -> FileTask:
   """The `split` ('train' | 'eval') task of LLaVA-style JSON / JSONL files. Without eval
-  files, `eval_fraction` of the train records (by id) is held out."""
+  files, `eval_fraction` of the train records (by id) is held out. `qformer_tokenizer`: an
+  instruction-aware Q-Former's (with cfg.qformer_max_len > 0)."""
   if split == 'eval' and eval_files:
     recs = records.JsonRecords(eval_files)
     idx = np.arange(len(recs))
@@ -593,22 +657,34 @@ def json_task(tokenizer, cfg: PipelineConfig, split: str, train_files: Sequence[
     idx = (records.split_indices(recs, eval_fraction, split) if eval_fraction > 0
            else np.arange(len(recs)))
   name = f'{",".join(recs.paths)} ({split})'
-  return FileTask(tokenizer, JsonSource(recs, idx, image_root), cfg, name)
+  return FileTask(tokenizer, JsonSource(recs, idx, image_root), cfg, name, qformer_tokenizer)
 
 
-def tfds_task(tokenizer, cfg: PipelineConfig, split: str, name: str, data_dir: str) -> FileTask:
+def tfds_task(tokenizer, cfg: PipelineConfig, split: str, name: str, data_dir: str,
+              qformer_tokenizer=None) -> FileTask:
   """The `split` task of TFDS dataset `name` (built by tfds_builders) in `data_dir`."""
   from mllm_jax.data import tfds_builders
   src = tfds_builders.load_data_source(data_dir, name, split)
-  return FileTask(tokenizer, TfdsSource(src), cfg, f'{name} ({split})')
+  return FileTask(tokenizer, TfdsSource(src), cfg, f'{name} ({split})', qformer_tokenizer)
 
 
 def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask:
   """`config.data` (source 'llava_json' | 'tfds') -> the FileTask of a stage's `task`
-  ('caption' | 'vqa' | 'dpo') and `split` ('train' | 'eval'); sizes from the model config."""
+  ('caption' | 'vqa' | 'dpo') and `split` ('train' | 'eval'); sizes from the model config.
+  An instruction-aware Q-Former (InstructBLIP) gets each image's instruction, tokenised with
+  `config.data.qformer_tokenizer` ('' = the LLM tokenizer) to `config.data.qformer_max_len`."""
   d = config.data
   if mcfg.vision is None:
     raise ValueError('file-based data needs a vision tower (config.model.vision.kind)')
+  qformer_tokenizer, qformer_max_len = None, 0
+  if mcfg.connector.kind == 'qformer' and mcfg.connector.qformer.instruction:
+    from mllm_jax.train import loop   # the one place the Q-Former tokenizer is loaded
+    qformer_tokenizer = loop.load_qformer_tokenizer(config, tokenizer)
+    qformer_max_len = d.qformer_max_len
+    limit = mcfg.connector.qformer.max_position
+    if not 0 < qformer_max_len <= limit:
+      raise ValueError(f'config.data.qformer_max_len={qformer_max_len} must be in 1..'
+                       f'config.model.connector.qformer.max_position={limit}')
   try:
     buckets = tuple(int(b) for b in str(d.buckets).split(',') if b.strip())
   except ValueError:
@@ -619,8 +695,10 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
       kind=kind, max_len=d.max_len, buckets=buckets, max_images=d.max_images,
       image_size=mcfg.vision.image_size, num_image_tokens=mcfg.image_tokens,
       image_norm=d.image_norm, pad_to_square=d.pad_to_square, bad_input=d.bad_input,
-      truncate=d.truncate, packing=d.packing and split == 'train', window=d.window,
-      workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed)
+      # packing is for SFT / pretraining stages; a run's DPO stage batches one pair per row
+      truncate=d.truncate, packing=d.packing and split == 'train' and kind != 'preference',
+      window=d.window, workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed,
+      qformer_max_len=qformer_max_len)
   files = lambda s: [f.strip() for f in str(s).split(',') if f.strip()]
   if d.source == 'llava_json':
     prefix = {'caption': 'caption_', 'preference': 'preference_'}.get(kind, '')
@@ -630,7 +708,8 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
     if not train:
       raise ValueError(f"config.data.source='llava_json' needs config.data.train_files (or "
                        f"config.data.{prefix or 'train_'}files for task {task!r})")
-    return json_task(tokenizer, cfg, split, train, evals, d.eval_fraction, d.image_root)
+    return json_task(tokenizer, cfg, split, train, evals, d.eval_fraction, d.image_root,
+                     qformer_tokenizer)
   if not d.tfds_name or not d.tfds_dir:
     raise ValueError("config.data.source='tfds' needs config.data.tfds_name and tfds_dir")
   from mllm_jax.data import tfds_builders
@@ -638,4 +717,4 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
   if kind not in names:
     raise ValueError(f'config.data.tfds_name={d.tfds_name!r} has no dataset of {kind} records, '
                      f'which task {task!r} reads (builder {tfds_builders.BUILDERS[kind].name})')
-  return tfds_task(tokenizer, cfg, split, names[kind], d.tfds_dir)
+  return tfds_task(tokenizer, cfg, split, names[kind], d.tfds_dir, qformer_tokenizer)

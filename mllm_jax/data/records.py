@@ -18,10 +18,13 @@ Formats read (JSON list or JSONL, one record per line):
 `parse(raw, kind, source)` turns one raw record into the common form
 
   {'id': str, 'source': 'file:line', 'images': [relative paths],
-   'messages': [{'role', 'content'}] (conversation; the prompt for preference),
+   'messages': [{'role', 'content'}] (conversation; the prompt for preference; for a caption
+               record from LLaVA's pretrain JSON, the conversation it came from),
    'caption': str (caption), 'chosen' / 'rejected': str (preference)}
 
 and raises `BadSample(reason, ...)` for what the bad-input policy handles (see REASONS).
+`image_instructions(messages, n)` picks the text an instruction-aware Q-Former (InstructBLIP)
+reads for each image.
 """
 from __future__ import annotations
 
@@ -255,6 +258,7 @@ def parse(raw: Any, kind: str, source: str, index: int = 0) -> dict:
       check_conversation(msgs, bad)
       check_image_tags([m['content'] for m in msgs], out['images'], bad)
       out['caption'] = [m['content'] for m in msgs if m['role'] == 'assistant'][-1]
+      out['messages'] = msgs
     else:
       caption = raw.get('caption', raw.get('text'))
       if not isinstance(caption, str):
@@ -288,6 +292,29 @@ def parse(raw: Any, kind: str, source: str, index: int = 0) -> dict:
     check_image_tags([m['content'] for m in msgs], out['images'], bad)
   else:
     raise ValueError(f'unknown record kind {kind!r}; expected one of {KINDS}')
+  return out
+
+
+def image_instructions(messages: Sequence[dict], n_images: int) -> list[str]:
+  """The instruction an instruction-aware Q-Former (InstructBLIP) reads for each image, in
+  image order: the text of the turn that carries the image's tag (InstructBlipProcessor's
+  instruction is the prompt that comes with the image), tags removed and whitespace collapsed;
+  if nothing is left (a turn that is only the tag), the text of the next user turn that has
+  some. Later turns of a multi-turn chat are not read: an image's query outputs are computed
+  once, with the question that comes with it, as they are when generating. Two images of one
+  turn share its text."""
+  clean = lambda text: ' '.join(text.replace(IMAGE_TAG, ' ').split())
+  out = []
+  for j, m in enumerate(messages):
+    if IMAGE_TAG not in m['content']:
+      continue
+    text = clean(m['content'])
+    if not text:
+      text = next((t for t in (clean(u['content']) for u in messages[j + 1:]
+                               if u['role'] == 'user') if t), '')
+    out += [text] * m['content'].count(IMAGE_TAG)
+  if len(out) != n_images:   # parse() checked the tags; only a caller's mistake gets here
+    raise ValueError(f'{len(out)} {IMAGE_TAG} tags for {n_images} images')
   return out
 
 

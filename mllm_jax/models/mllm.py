@@ -10,8 +10,9 @@ images.
 
 Q-Former connectors (BLIP-2 / InstructBLIP, `connector.kind='qformer'`) turn each image into
 `num_queries` tokens; InstructBLIP's also reads the instruction, `qformer_input_ids` /
-`qformer_attention_mask` [B, L] (one per sample, shared by the sample's images) or [N, L] (one
-per image of a flat image list, as transformers' processor returns).
+`qformer_attention_mask` [B, L] (one per sample, shared by the sample's images), [B, M, L] (one
+per image slot: the file pipeline's, so packed rows give each image its own sample's
+instruction) or [N, L] (one per image of a flat image list, as transformers' processor returns).
 
 LLaVA-NeXT (AnyRes, `image_grid_pinpoints`): each image arrives as tiles (a base tile of the
 whole image, then a grid chosen from the pinpoints for its size); the projected tiles are packed
@@ -154,7 +155,8 @@ class MLLM(nn.Module):
   input_ids [B, T] int; pixel_values [B, M, H, W, 3] (per-sample image slots) or [N, H, W, 3]
   (flat list, transformers' convention; channels-first [.., 3, H, W] is accepted too);
   attention_mask [B, T] (1 = real token). Returns fp32 logits [B, T, vocab].
-  InstructBLIP: qformer_input_ids / qformer_attention_mask [B, L] (or [N, L] for a flat list).
+  InstructBLIP: qformer_input_ids / qformer_attention_mask [B, L] or [B, M, L] (or [N, L] for a
+  flat list).
   LLaVA-NeXT (`cfg.image_grid_pinpoints`): pixel_values [N, tiles, H, W, 3] with image_sizes
   [N, 2] (original height, width), or per sample [B, M, tiles, H, W, 3] with [B, M, 2].
   """
