@@ -15,7 +15,8 @@ train; the ViT and the LLM stay frozen in both stages.
 Weights: `--config.model.init_from=DIR` with a Hugging Face InstructBLIP directory (e.g.
 Salesforce/instructblip-vicuna-7b; its config.json must agree with this file, which the load
 checks) and `--config.data.tokenizer=DIR --config.data.qformer_tokenizer=DIR/qformer_tokenizer`.
-The LLaVA-JSON data source comes with the data pipeline work.
+Data: `--config.data.source=llava_json --config.data.train_files=...` (or tfds, docs/data.md);
+the pipeline gives the Q-Former each image's instruction.
 """
 from mllm_jax.config import base_config, finalize, stage_config
 

@@ -4,13 +4,13 @@ pairs, and the reward-model scorer; for a tiny InstructBLIP policy (its own BERT
 tokenizer): two rounds and a resume, the sampled responses and the round's DPO loss checked
 against direct calls with each prompt's instruction, and the reward-model scorer reading it."""
 import os
-import re
 import shutil
 
 import jax
 import numpy as np
 import pytest
 
+from data_files import build_bert_tokenizer
 from mllm_jax import sharding as shd
 from mllm_jax.config import load_config
 from mllm_jax.data import tokenizer as tok_lib
@@ -178,11 +178,8 @@ def bert_tokenizer(path):
   """A BERT (WordPiece) tokenizer over the demo corpus' words, saved at `path` and reloaded:
   InstructBLIP's Q-Former reads BERT tokens, not the LLM's."""
   import transformers
-  words = sorted({w for t in tok_lib.demo_corpus(200) for w in re.findall(r'\w+|[^\w\s]',
-                                                                          t.lower())})
-  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
-  transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-  return transformers.AutoTokenizer.from_pretrained(path)
+  return transformers.AutoTokenizer.from_pretrained(
+      build_bert_tokenizer(path, tok_lib.demo_corpus(200)))
 
 
 @pytest.fixture(scope='module')

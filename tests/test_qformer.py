@@ -8,7 +8,6 @@ import dataclasses
 import io
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from data_files import build_bert_tokenizer
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
 import mllm_jax
@@ -385,13 +385,10 @@ PROMPTS = ['what colour is the circle ?', 'how many shapes are there ?', 'descri
 
 
 def bert_tokenizer(path):
-  """A real BERT WordPiece tokenizer (InstructBLIP's Q-Former tokenizer class: lower case,
-  [CLS] ... [SEP]) over the scenes task's and the test prompts' words, saved in `path`."""
-  texts = tok_lib.demo_corpus(200) + PROMPTS
-  words = sorted({w for t in texts for w in re.findall(r'\w+|[^\w\s]', t.lower())})
-  vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + words
-  transformers.BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
-  return transformers.AutoTokenizer.from_pretrained(path)
+  """A real BERT WordPiece tokenizer (InstructBLIP's Q-Former tokenizer class) over the scenes
+  task's and the test prompts' words, saved in `path` and loaded."""
+  return transformers.AutoTokenizer.from_pretrained(
+      build_bert_tokenizer(path, tok_lib.demo_corpus(200) + PROMPTS))
 
 
 @pytest.fixture(scope='module')
