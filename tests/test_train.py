@@ -124,26 +124,33 @@ def assert_grads_close(g1, g2):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale), g1, g2)
 
 
-def test_grad_accumulation_equals_one_big_batch():
+@pytest.fixture(scope='module')
+def reference():
+  """(metrics, gradients) of one SGD(lr 1) step from the key-0 init on make_batch(), one
+  device, full logits, no remat: the step every variant below must reproduce."""
+  return grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0)), make_batch())
+
+
+def test_grad_accumulation_equals_one_big_batch(reference):
   batch = make_batch()
-  outs = [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0)), batch, accum=accum) for accum in (1, 4)]
-  (m1, g1), (m4, g4) = outs
+  (m1, g1), (m4, g4) = reference, grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0)), batch,
+                                                accum=4)
   np.testing.assert_allclose(m1['loss'], m4['loss'], rtol=1e-6)
   assert m1['loss_tokens'] == m4['loss_tokens'] == batch['loss_mask'][:, 1:].sum()
   np.testing.assert_allclose(m1['grad_norm'], m4['grad_norm'], rtol=1e-5)
   assert_grads_close(g1, g4)
 
 
-def test_logits_chunk_and_width_steps_equal_full_logits_step():
+def test_logits_chunk_and_width_steps_equal_full_logits_step(reference):
   """config.train.logits_chunk, and logits_width at the batch's most loss tokens in a row,
   change where the vocabulary projection runs, not the step (loss, metrics, every parameter's
   update: with SGD lr 1 it is the gradient)."""
   batch = make_batch()
   width = losses.row_loss_tokens(batch['loss_mask'])
   assert width == 7 and width < batch['loss_mask'].shape[1] - 1   # rows of 2, 4, 5, 6, 7
-  (m0, g0), *rest = [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_chunk=c,
-                                          logits_width=w), batch)
-                     for c, w in ((0, 0), (4, 0), (0, width))]
+  (m0, g0), rest = reference, [grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0), logits_chunk=c,
+                                                     logits_width=w), batch)
+                                for c, w in ((4, 0), (0, width))]
   assert m0['loss_tokens'] == batch['loss_mask'][:, 1:].sum()
   for m1, g1 in rest:
     for key in ('loss', 'token_accuracy', 'loss_tokens', 'grad_norm'):
@@ -160,12 +167,11 @@ def test_optimizer_state_is_sharded_like_its_parameter():
   assert mu.sharding.spec == spec
 
 
-def test_same_loss_and_grads_on_1_and_8_devices():
+def test_same_loss_and_grads_on_1_and_8_devices(reference):
   batch = make_batch()
-  setup1 = setup(mesh1(), tx=optax.sgd(1.0))
-  params0 = jax.device_get(setup1[1].params)
+  params0 = jax.device_get(setup(mesh1(), tx=optax.sgd(1.0))[1].params)   # the key-0 init
   setup8 = setup(shd.make_mesh({'fsdp': 4, 'tensor': 2}), params=params0, tx=optax.sgd(1.0))
-  m1, g1 = grads_of_step(*setup1, batch)
+  m1, g1 = reference
   m8, g8 = grads_of_step(*setup8, batch)
   np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-6)
   np.testing.assert_allclose(m1['grad_norm'], m8['grad_norm'], rtol=1e-5)
@@ -223,10 +229,10 @@ def test_every_parameter_has_logical_axis_names():
 
 
 @pytest.mark.parametrize('policy', ['full', 'dots_no_batch'])
-def test_remat_policies_do_not_change_gradients(policy):
+def test_remat_policies_do_not_change_gradients(policy, reference):
   import dataclasses
   batch = make_batch()
-  ref = grads_of_step(*setup(mesh1(), tx=optax.sgd(1.0)), batch)
+  ref = reference
   model = MLLM(dataclasses.replace(CFG, remat_policy=policy, vision_remat_policy=policy))
   factory = steps.StateFactory(model, mesh1(), shd.logical_rules('fsdp_tp'))
   params = factory.init_params(jax.random.key(0))
