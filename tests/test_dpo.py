@@ -171,6 +171,7 @@ def test_dpo_steps_fit_a_batch_of_pairs(setup):
   assert history[-1]['rewards/margins'] > 1.0 and history[-1]['loss'] < 0.3 * history[0]['loss']
 
 
+@pytest.mark.slow
 def test_dpo_stage_runs_saves_its_reference_and_resumes(tmp_path):
   """Task 'dpo' through the training job: metrics, held-out preference accuracy before and
   after, the reference saved in the workdir; rerunning the finished run resumes, not retrains."""

@@ -194,6 +194,7 @@ def test_cli_on_an_hf_directory_prints_the_greedy_answer(llava, tmp_path):
   assert out.getvalue().strip() == tok.decode(ref[0], skip_special_tokens=True).strip()
 
 
+@pytest.mark.slow
 def test_run_export_and_cli_preprocess_images_like_the_runs_training_data(tmp_path):
   """A run with image_norm='siglip' (square resize) and pad_to_square: `convert --to-hf`'s
   processor (transformers' LlavaImageProcessor) and the generate CLI's `--checkpoint`
