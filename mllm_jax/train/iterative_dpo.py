@@ -393,15 +393,10 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   qpath = qformer_tokenizer_path(config, workdir)
   config = policy_config(config, mcfg, qpath)
 
-  def qformer_tokenizer():   # loaded only for a model with an instruction-aware Q-Former
-    if not qpath:
-      return tokenizer
-    import transformers
-    return transformers.AutoTokenizer.from_pretrained(qpath)
-
   qlen = config.data.qformer_max_len
-  instructions = (qformer_instructions(mcfg, qformer_tokenizer(), qlen, f'policy {start}')
-                  if needs_instruction(mcfg) else None)
+  qtok = loop.load_qformer_tokenizer(config, tokenizer)   # None unless the policy reads one
+  instructions = (None if qtok is None else
+                  qformer_instructions(mcfg, qtok, qlen, f'policy {start}'))
   mesh = shd.make_mesh(config.mesh.to_dict())
   rules = shd.logical_rules(config.sharding.rules)
   factory = steps.StateFactory(MLLM(mcfg), mesh, rules)
@@ -410,10 +405,11 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
       raise ValueError("config.iterative.scorer='reward_model' needs "
                        'config.iterative.reward_model (a reward model saved by '
                        'python -m mllm_jax.train.reward, e.g. WORKDIR/reward/model)')
+    import transformers   # the reward model's own Q-Former tokenizer, for a LLaVA policy
     batch_scorer = reward_model_scorer(
         it.reward_model, tokenizer, mesh, rules, config.data.max_len, config.data.image_norm,
-        it.generate_batch, qformer_tokenizer=(instructions.tokenizer if instructions else
-                                              qformer_tokenizer()), qformer_max_len=qlen)
+        it.generate_batch, qformer_max_len=qlen, qformer_tokenizer=qtok or (
+            transformers.AutoTokenizer.from_pretrained(qpath) if qpath else None))
   if mcfg.vision is None or mcfg.image_grid_pinpoints:
     raise ValueError(f'{start}: the iterative driver samples on the built-in scenes task, which '
                      'needs a model with a single-tile vision tower')
