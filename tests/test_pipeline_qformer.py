@@ -360,3 +360,9 @@ def test_an_instruction_longer_than_qformer_max_len(tok, qtok, root, tmp_path):
   assert len(cut) == QLEN and cut[-1] == qtok.sep_token_id
   np.testing.assert_array_equal(b['qformer_input_ids'][1, 0], cut)
   assert b['qformer_attention_mask'][1, 0].all()
+  # the built-in tasks' tokenisation is the same object: a ValueError naming the sample
+  with pytest.raises(ValueError, match=r"sample 7: its Q-Former instruction \('.*'\) has \d+ "
+                     rf"tokens > config\.data\.qformer_max_len={QLEN}"):
+    synthetic.QFormerInstructions(qtok, QLEN)([long_q], ['sample 7'])
+  rows = synthetic.QFormerInstructions(qtok, QLEN, truncate=True)([long_q], ['sample 7'])
+  np.testing.assert_array_equal(rows['qformer_input_ids'][0], cut)

@@ -158,15 +158,16 @@ class Preprocess(grain.transforms.Map):
   transformers' tokenizers are); `qformer_tokenizer` is needed iff cfg.qformer_max_len > 0."""
 
   def __init__(self, tokenizer, cfg: PipelineConfig, qformer_tokenizer=None):
-    self.tokenizer, self.cfg, self.qformer_tokenizer = tokenizer, cfg, qformer_tokenizer
+    self.tokenizer, self.cfg = tokenizer, cfg
     self.processor = images.run_processor(cfg.image_norm, cfg.image_size, cfg.pad_to_square)
     self.image_id = conversation.image_token_id(tokenizer, cfg.image_token)
-    self.qformer = qformer_rows(cfg, qformer_tokenizer)
+    self.qformer = qformer_rows(cfg, qformer_tokenizer)   # (length, pad id) for the collation
+    self.instructions = (None if self.qformer is None else synthetic.QFormerInstructions(
+        qformer_tokenizer, cfg.qformer_max_len, cfg.truncate))
     self._prefix_cache: dict = {}
-    self._instruction_cache: dict = {}
 
-  def __getstate__(self):   # the caches stay in their process
-    return {**self.__dict__, '_prefix_cache': {}, '_instruction_cache': {}}
+  def __getstate__(self):   # the cache stays in its process
+    return {**self.__dict__, '_prefix_cache': {}}
 
   def map(self, element: dict) -> dict:
     try:
@@ -203,7 +204,7 @@ class Preprocess(grain.transforms.Map):
     else:
       ids, loss, turns = self._tokens(rec['messages'], bad)
       out = {'input_ids': ids, 'loss_mask': loss, 'turn_ids': turns}
-    if self.qformer is not None:
+    if self.instructions is not None:
       out.update(self._instructions(rec, bad))
     out['pixel_values'] = self._images(element, rec, bad)
     return out
@@ -212,32 +213,14 @@ class Preprocess(grain.transforms.Map):
     """Each image's Q-Former instruction: qformer_input_ids / qformer_attention_mask int32
     [n_images, qformer_max_len]. Captions without a prompt of their own (plain caption pairs)
     read InstructBLIP's captioning prompt `synthetic.CAPTION_INSTRUCTION`."""
-    n, (length, pad) = len(rec['images']), self.qformer
+    n = len(rec['images'])
     if 'messages' in rec:
       texts = records.image_instructions(rec['messages'], n)
     else:
       texts = [synthetic.CAPTION_INSTRUCTION] * n
-    ids = np.full((n, length), pad, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    for i, text in enumerate(texts):
-      q = self._instruction_ids(text, bad, i)
-      ids[i, :len(q)], mask[i, :len(q)] = q, 1
-    return {'qformer_input_ids': ids, 'qformer_attention_mask': mask}
-
-  def _instruction_ids(self, text, bad, i) -> list[int]:
-    length = self.qformer[0]
-    if text not in self._instruction_cache:
-      if len(self._instruction_cache) > 50_000:
-        self._instruction_cache.clear()
-      self._instruction_cache[text] = self.qformer_tokenizer(text)['input_ids']
-    q = self._instruction_cache[text]
-    if len(q) <= length:
-      return q
-    if not self.cfg.truncate:
-      raise bad('too_long', f'the Q-Former instruction of image {i + 1} ({text[:60]!r}) has '
-                f'{len(q)} tokens > config.data.qformer_max_len={length}')
-    # As LAVIS' InstructBLIP tokenises it: cut to the length, special tokens kept.
-    return self.qformer_tokenizer(text, truncation=True, max_length=length)['input_ids']
+    return self.instructions.rows([
+        self.instructions.ids(text, f'the Q-Former instruction of image {i + 1}',
+                              lambda msg: bad('too_long', msg)) for i, text in enumerate(texts)])
 
   def _tokens(self, messages, bad):
     try:

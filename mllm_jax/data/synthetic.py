@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -251,36 +251,54 @@ def questions(messages) -> str:
 
 class QFormerInstructions:
   """Instruction texts -> an instruction-aware Q-Former's input rows: each tokenised with its
-  tokenizer (memoised, bounded), right-padded with its pad id to `max_len`.
+  tokenizer (memoised, bounded), right-padded with its pad id to `max_len`. The built-in tasks,
+  the file pipeline (in its grain workers) and iterative DPO all tokenise through it.
 
-    rows = QFormerInstructions(tokenizer, max_len)(texts, where)
+    rows = QFormerInstructions(tokenizer, max_len)(texts, wheres)
     rows['qformer_input_ids'], rows['qformer_attention_mask']   # int32 [len(texts), max_len]
+
+  An instruction longer than `max_len` is an error (`too_long(message)` builds it; default
+  ValueError), or with `truncate` is cut as the tokenizer truncates (special tokens kept, as
+  LAVIS' InstructBLIP tokenises it).
   """
 
-  def __init__(self, tokenizer, max_len: int):
+  def __init__(self, tokenizer, max_len: int, truncate: bool = False):
     if tokenizer.pad_token_id is None:
       raise ValueError('the Q-Former tokenizer has no pad token (config.data.qformer_tokenizer)')
-    self.tokenizer, self.max_len = tokenizer, max_len
+    self.tokenizer, self.max_len, self.truncate = tokenizer, max_len, truncate
     self._cache: dict = {}
 
-  def ids(self, text: str, where: str) -> list[int]:
-    """Token ids of `text`; longer than max_len -> an error naming `where` (the sample)."""
+  def __getstate__(self):   # the memo stays in its process (grain workers get an empty one)
+    return {**self.__dict__, '_cache': {}}
+
+  def ids(self, text: str, what: str, too_long: Callable[[str], Exception] = ValueError
+          ) -> list[int]:
+    """Token ids of `text`, which `what` names in the error (e.g. 'sample 3: its Q-Former
+    instruction')."""
     if text not in self._cache:
       if len(self._cache) >= 100_000:
         self._cache.clear()
-      ids = self.tokenizer(text)['input_ids']
-      if len(ids) > self.max_len:
-        raise ValueError(f'{where}: its Q-Former instruction has {len(ids)} tokens > '
-                         f'qformer_max_len={self.max_len} (config.data.qformer_max_len); raise it')
-      self._cache[text] = ids
-    return self._cache[text]
+      self._cache[text] = self.tokenizer(text)['input_ids']
+    ids = self._cache[text]
+    if len(ids) <= self.max_len:
+      return ids
+    if not self.truncate:
+      raise too_long(f'{what} ({text[:60]!r}) has {len(ids)} tokens > '
+                     f'config.data.qformer_max_len={self.max_len}')
+    return self.tokenizer(text, truncation=True, max_length=self.max_len)['input_ids']
 
-  def __call__(self, texts: Sequence[str], wheres: Sequence[str]) -> dict[str, np.ndarray]:
-    out = {'qformer_input_ids': np.full((len(texts), self.max_len), self.tokenizer.pad_token_id,
+  def __call__(self, texts: Sequence[str], wheres: Sequence[str],
+               too_long: Callable[[str], Exception] = ValueError) -> dict[str, np.ndarray]:
+    """Rows for `texts`; `wheres` name each one's sample in errors."""
+    return self.rows([self.ids(text, f'{where}: its Q-Former instruction', too_long)
+                      for text, where in zip(texts, wheres)])
+
+  def rows(self, ids: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
+    """Token id lists -> the padded rows."""
+    out = {'qformer_input_ids': np.full((len(ids), self.max_len), self.tokenizer.pad_token_id,
                                         np.int32),
-           'qformer_attention_mask': np.zeros((len(texts), self.max_len), np.int32)}
-    for row, (text, where) in enumerate(zip(texts, wheres)):
-      q = self.ids(text, where)
+           'qformer_attention_mask': np.zeros((len(ids), self.max_len), np.int32)}
+    for row, q in enumerate(ids):
       out['qformer_input_ids'][row, :len(q)], out['qformer_attention_mask'][row, :len(q)] = q, 1
     return out
 
