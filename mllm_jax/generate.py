@@ -321,10 +321,12 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     raise ValueError(f'{checkpoint}: a convert checkpoint carries no tokenizer; use the '
                      'training workdir or --hf')
   tokenizer = tok_lib.load_tokenizer(tok_dir)
-  config = pretrained.run_config(checkpoint)   # the run's image preprocessing (convert ckpt: CLIP's)
+  # the run's image preprocessing; a params checkpoint's recorded norm (none recorded: CLIP's)
+  config = pretrained.run_config(checkpoint)
   data = {} if config is None else config.data.to_dict()
   processor = None if mcfg.vision is None else image_lib.run_processor(
-      data.get('image_norm', 'clip'), mcfg.vision.image_size, data.get('pad_to_square', False))
+      pretrained.saved_image_norm(checkpoint) or 'clip', mcfg.vision.image_size,
+      data.get('pad_to_square', False))
   return model, params, tokenizer, processor
 
 

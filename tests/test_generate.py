@@ -198,7 +198,8 @@ def test_cli_on_an_hf_directory_prints_the_greedy_answer(llava, tmp_path):
 def test_run_export_and_cli_preprocess_images_like_the_runs_training_data(tmp_path):
   """A run with image_norm='siglip' (square resize) and pad_to_square: `convert --to-hf`'s
   processor (transformers' LlavaImageProcessor) and the generate CLI's `--checkpoint`
-  preprocessing give the training pipeline's pixels for non-square images."""
+  preprocessing give the training pipeline's pixels for non-square images; the norm is what
+  the run, its export and the export converted back to a params checkpoint record."""
   import os
   from PIL import Image
   from mllm_jax import convert
@@ -229,3 +230,8 @@ def test_run_export_and_cli_preprocess_images_like_the_runs_training_data(tmp_pa
   np.testing.assert_allclose(got, want, atol=1e-5)
   cli = gen.load_for_generation(checkpoint=str(tmp_path / 'run'))[3]
   np.testing.assert_allclose(cli(pics)['pixel_values'], want, atol=1e-6)
+  # the norm travels with the weights: the run, its export, and the export converted back
+  from mllm_jax.hf import pretrained
+  convert.main(['--from-hf', str(tmp_path / 'hf'), '--out', str(tmp_path / 'ck')])
+  assert [pretrained.saved_image_norm(str(tmp_path / d)) for d in ('run', 'hf', 'ck')] == [
+      'siglip'] * 3

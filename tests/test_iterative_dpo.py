@@ -140,20 +140,51 @@ def test_pair_records_with_chosen_equal_rejected_are_counted_and_skipped(start):
     it.PairsTask([recs[1]], tok, image_size=16, num_image_tokens=4, max_len=48)
 
 
-def saved_reward_model(policy, out):
+def saved_reward_model(policy, out, image_norm=None):
   """A reward model on `policy` (params checkpoint) saved at `out`: (model, factory, params)."""
   mcfg, _ = pretrained.saved_model_config(policy)
   rm = reward.RewardModel(mcfg)
   f = steps.StateFactory(rm, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
                          shd.logical_rules('dp'))
   params = reward.from_policy(f, policy, jax.random.key(1))
-  pretrained.save_params(out, rm, params)
+  pretrained.save_params(out, rm, params, image_norm)
   return rm, f, params
 
 
+def test_the_starts_image_norm_wins_over_the_config(start, tmp_path, capsys):
+  """A policy trained on SigLIP-normalised pixels is sampled with them although the iterative
+  config says 'clip': the norm recorded in a params checkpoint, or an HF directory's image
+  processor; an HF processor with another mean / std is an error naming the directory."""
+  import transformers
+  path, _, _ = start
+  config = _config(start)
+  assert config.data.image_norm == 'clip'
+  model = MLLM(pretrained.saved_model_config(path)[0])
+  params = pretrained.restore_params(path, steps.StateFactory(
+      model, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+      shd.logical_rules('dp')).abstract_params)
+  pretrained.save_params(str(tmp_path / 'sig'), model, params, 'siglip')
+  assert pretrained.saved_image_norm(path) is None            # saved without one
+  assert pretrained.start_image_norm(config, path, 'policy') is config
+  out = pretrained.start_image_norm(config, str(tmp_path / 'sig'), 'policy')
+  assert out.data.image_norm == 'siglip' and config.data.image_norm == 'clip'
+  assert "trained with image_norm='siglip'" in capsys.readouterr().out
+  hf = tmp_path / 'hf'
+  transformers.LlavaConfig().save_pretrained(hf)
+  transformers.SiglipImageProcessor().save_pretrained(hf)
+  assert pretrained.saved_image_norm(str(hf)) == 'siglip'
+  transformers.CLIPImageProcessor().save_pretrained(hf)
+  assert pretrained.saved_image_norm(str(hf)) == 'clip'
+  transformers.CLIPImageProcessor(image_mean=[0.4, 0.4, 0.4]).save_pretrained(hf)
+  with pytest.raises(ValueError, match=f'{hf}: its image processor'):
+    pretrained.saved_image_norm(str(hf))
+
+
 def test_reward_model_scorer_scores_each_conversation(start, tmp_path):
+  """... with the reward model's own image norm (recorded 'siglip'; the call's 'clip' is the
+  fallback for a checkpoint that records none)."""
   path, _, tok = start
-  rm, f, params = saved_reward_model(path, str(tmp_path / 'rm'))
+  rm, f, params = saved_reward_model(path, str(tmp_path / 'rm'), 'siglip')
   score = it.reward_model_scorer(str(tmp_path / 'rm'), tok, f.mesh, f.rules, 48, 'clip', 4)
   s = [it.prompt_sample(i, 'train', 0, 16) for i in range(3)]
   items = [(x.messages[0]['content'], resp, x) for x, resp in zip(s, ['red', 'two', 'no'])]
@@ -163,7 +194,7 @@ def test_reward_model_scorer_scores_each_conversation(start, tmp_path):
     ids, _, _ = conversation.tokenize_conversation(
         tok, [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': resp}],
         num_image_tokens=4)
-    px = images.normalize(np.stack(x.images)[None], images.CLIP_MEAN, images.CLIP_STD)
+    px = images.normalize(np.stack(x.images)[None], images.SIGLIP_MEAN, images.SIGLIP_STD)
     want = rm.apply({'params': params}, ids[None], px)
     np.testing.assert_allclose(g, want[0], rtol=1e-5, atol=1e-6)
 

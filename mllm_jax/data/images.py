@@ -537,6 +537,14 @@ class ImageProcessor:
     return n - 1 if vision_feature_select_strategy == 'default' else n
 
 
+def norm_name(mean: Sequence[float], std: Sequence[float]) -> str | None:
+  """The `config.data.image_norm` whose mean / std these are (to 1e-6), or None."""
+  for name, (m, s) in NORMALIZATION.items():
+    if np.allclose(mean, m, atol=1e-6) and np.allclose(std, s, atol=1e-6):
+      return name
+  return None
+
+
 def run_processor(image_norm: str, image_size: int, pad_to_square: bool = False
                   ) -> 'ImageProcessor':
   """The image preprocessing a training run applies (`config.data.image_norm`, the tower's

@@ -16,6 +16,7 @@ architecture must equal the checkpoint's: a mismatch is an error listing the
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -84,13 +85,18 @@ def check_same_architecture(ours, theirs, prefix: str, path: str):
 # ----------------------------------------------------------------------------------------------
 # Params checkpoints (orbax)
 # ----------------------------------------------------------------------------------------------
-def save_params(directory: str, model, params):
-  """A params checkpoint: `params/` (orbax) and the model config (JSON) beside it."""
+def save_params(directory: str, model, params, image_norm: str | None = None):
+  """A params checkpoint: `params/` (orbax) and the model config (JSON) beside it, with the
+  image normalisation the parameters were trained with (`config.data.image_norm`) when known,
+  so that whatever runs the model later (iterative DPO, generate) feeds it the same pixels."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   kind = 'vision' if isinstance(model.cfg, VisionConfig) else 'mllm'
+  meta = {'kind': kind, 'config': dataclasses.asdict(model.cfg)}
+  if image_norm is not None:
+    meta['image_norm'] = image_norm
   with open(os.path.join(directory, MODEL_JSON), 'w') as f:
-    json.dump({'kind': kind, 'config': dataclasses.asdict(model.cfg)}, f, indent=1)
+    json.dump(meta, f, indent=1)
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(os.path.join(directory, 'params'), params, force=True)
   ckptr.wait_until_finished()
@@ -118,6 +124,45 @@ def run_config(path: str):
     return None
   with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
     return ml_collections.ConfigDict(json.load(f)['config'])
+
+
+def saved_image_norm(path: str) -> str | None:
+  """The image normalisation (`config.data.image_norm` value) the model at `path` expects: a
+  params checkpoint's recorded one, a training run's `data.image_norm`, or a Hugging Face
+  directory's image processor mean / std; None when `path` records none (a params checkpoint
+  saved without it). An HF processor whose mean / std is no known norm is an error."""
+  meta = os.path.join(path, MODEL_JSON)
+  if os.path.exists(meta):
+    with open(meta) as f:
+      return json.load(f).get('image_norm')
+  if os.path.exists(os.path.join(path, 'config.json')):
+    from mllm_jax.data import images
+    from mllm_jax.generate import hf_image_processor_config
+    pp = hf_image_processor_config(path)
+    if pp is None or pp.get('image_mean') is None:
+      return None
+    name = images.norm_name(pp['image_mean'], pp.get('image_std', ()))
+    if name is None:
+      raise ValueError(f"{path}: its image processor's image_mean={pp['image_mean']} / "
+                       f"image_std={pp.get('image_std')} is none of config.data.image_norm's "
+                       f'{sorted(images.NORMALIZATION)}')
+    return name
+  config = run_config(path)
+  return None if config is None else config.data.image_norm
+
+
+def start_image_norm(config, path: str, what: str):
+  """A copy of `config` whose data.image_norm is the one the model at `path` (`what`, e.g.
+  'policy') was trained with (`saved_image_norm`), so it is fed the pixels it knows; a config
+  that said otherwise is told so. Unchanged when `path` records no norm."""
+  norm = saved_image_norm(path)
+  if norm is None or norm == config.data.image_norm:
+    return config
+  print(f"{what} {path} was trained with image_norm={norm!r}: using it (not "
+        f"config.data.image_norm={config.data.image_norm!r})")
+  out = copy.deepcopy(config)
+  out.data.image_norm = norm
+  return out
 
 
 def saved_model_config(path: str):

@@ -30,7 +30,9 @@ forced) and the accuracy of the policy's greedy answers to `eval_prompts` held-o
 
 The starting policy is `config.model.init_from` (a training workdir, params checkpoint or
 HF directory), else the config's stages (e.g. pretrain,sft) trained first in WORKDIR/sft; its
-architecture is the checkpoint's.
+architecture is the checkpoint's, and so is its image normalisation where the start records one
+(a training run's `data.image_norm`, a params checkpoint's saved norm, an HF image processor's
+mean / std: `pretrained.saved_image_norm`); a reward model is fed its own recorded norm.
 
 InstructBLIP (an instruction-aware Q-Former policy or reward model): every forward the rounds
 run - sampling, the greedy held-out answers, the preference / VQA evaluations, the DPO batches
@@ -256,13 +258,16 @@ def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tupl
 
 def reward_model_scorer(path: str, tokenizer, mesh, rules, max_len: int, image_norm: str,
                         batch_size: int, qformer_tokenizer=None, qformer_max_len: int = 32):
-  """A batched scorer: the reward model at `path` scores (prompt, response) conversations. An
-  instruction-aware Q-Former reward model (InstructBLIP) reads each sample's instruction
-  tokenised with `qformer_tokenizer` (default: `tokenizer`) as its SFT / reward data did."""
+  """A batched scorer: the reward model at `path` scores (prompt, response) conversations,
+  its images normalised as it was trained (its recorded image_norm; `image_norm` if it records
+  none). An instruction-aware Q-Former reward model (InstructBLIP) reads each sample's
+  instruction tokenised with `qformer_tokenizer` (default: `tokenizer`) as its SFT / reward data
+  did."""
+  from mllm_jax.hf import pretrained
   from mllm_jax.train import reward
   factory, params = reward.load_reward(path, mesh, rules)
   mcfg = factory.model.cfg
-  mean, std = image_utils.NORMALIZATION[image_norm]
+  mean, std = image_utils.NORMALIZATION[pretrained.saved_image_norm(path) or image_norm]
   n_img = mcfg.image_tokens if mcfg.vision else 0
   instructions = qformer_instructions(mcfg, qformer_tokenizer or tokenizer, qformer_max_len,
                                       f'reward model {path}')
@@ -338,7 +343,7 @@ def _start_policy(config, workdir):
     tokenizer = tok_lib.load_tokenizer(config.data.tokenizer or path)
     if not os.path.exists(os.path.join(out, pretrained.MODEL_JSON)):
       model, params = api.load_hf(path)
-      pretrained.save_params(out, model, params)
+      pretrained.save_params(out, model, params, pretrained.saved_image_norm(path))
     return tokenizer, api.model_config(path), out
   return reward.setup_from_policy(config, workdir)
 
@@ -392,6 +397,8 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   # model reads the sample's instruction, tokenised as its SFT data was
   qpath = qformer_tokenizer_path(config, workdir)
   config = policy_config(config, mcfg, qpath)
+  # the pixels the policy was trained on: the start's image_norm wins over the config's
+  config = pretrained.start_image_norm(config, start, 'policy')
 
   qlen = config.data.qformer_max_len
   qtok = loop.load_qformer_tokenizer(config, tokenizer)   # None unless the policy reads one
@@ -524,7 +531,8 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
     else:
       print(f'Round {r}: no pairs, the policy is unchanged')
     after = evaluate(policy)
-    pretrained.save_params(os.path.join(rdir, 'policy'), factory.model, policy)
+    pretrained.save_params(os.path.join(rdir, 'policy'), factory.model, policy,
+                           config.data.image_norm)
     inside = os.path.abspath(start).startswith(os.path.abspath(workdir) + os.sep)
     m = {'round': r, 'start_policy': os.path.relpath(start, workdir) if inside else start,
          **counts, 'dpo_steps': n_steps, 'train': train_metrics, 'eval_before': before,

@@ -368,6 +368,7 @@ def train_reward(config, workdir: str) -> dict:
   from mllm_jax.train import loop, optim, steps
   from mllm_jax.train.metrics import MetricsWriter
   tokenizer, mcfg, start_path = setup_from_policy(config, workdir)
+  config = pretrained.start_image_norm(config, start_path, 'policy')   # the policy's pixels
   mesh = shd.make_mesh(config.mesh.to_dict())
   rules = shd.logical_rules(config.sharding.rules)
   factory = steps.StateFactory(RewardModel(mcfg), mesh, rules)
@@ -423,7 +424,7 @@ def train_reward(config, workdir: str) -> dict:
           ckpt.save(RunPosition('reward', 0, done, False, done), state, config_json)
     res = evaluate(state.params)
     writer.write(sc.steps, res)
-    pretrained.save_params(final, factory.model, state.params)
+    pretrained.save_params(final, factory.model, state.params, config.data.image_norm)
     print(f"Reward model held-out: pairwise accuracy {res['eval/accuracy']:.4f}, rewards "
           f"chosen {res['eval/rewards/chosen']:.3f} / rejected "
           f"{res['eval/rewards/rejected']:.3f}; saved to {final}")
