@@ -274,3 +274,55 @@ def test_instructblip_reward_step_reads_the_instruction(setup):
   np.testing.assert_allclose(m['loss'], reward.bt_loss(rc, rr, center_rewards_coefficient=0.01),
                              rtol=1e-5)
   np.testing.assert_allclose(m['rewards/chosen'], rc.mean(), rtol=1e-5)
+
+
+def test_instructblip_reward_entry_point_keeps_the_policys_instructions_and_pixels(setup,
+                                                                                   tmp_path):
+  """The reward trainer on an InstructBLIP policy (with a BERT Q-Former tokenizer of its own and
+  SigLIP-normalised pixels) under the LLaVA-shaped demo config: the policy's connector, Q-Former
+  tokenizer and image norm win; the saved reward model carries the tokenizer and the norm, and
+  the iterative scorer, given neither, scores as the model called with them does."""
+  import os
+  from data_files import build_bert_tokenizer
+  from mllm_jax.config import load_config
+  from mllm_jax.data import conversation, images
+  from mllm_jax.data import tokenizer as tok_lib
+  from mllm_jax.train import iterative_dpo as it
+  from test_dpo import tiny_instructblip_config
+  tok = setup[1].tokenizer
+  qdir = build_bert_tokenizer(str(tmp_path / 'qtok'), tok_lib.demo_corpus(200))
+  qtok = transformers.AutoTokenizer.from_pretrained(qdir)
+  cfg = tiny_instructblip_config(tok)
+  policy = steps.StateFactory(MLLM(cfg), mesh1(), shd.logical_rules('fsdp'))
+  pretrained.save_params(str(tmp_path / 'policy'), policy.model,
+                         policy.init_params(jax.random.key(0)), 'siglip')
+  tok.save_pretrained(str(tmp_path / 'tok'))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = {'model.init_from': str(tmp_path / 'policy'), 'data.tokenizer': str(tmp_path / 'tok'),
+          'data.qformer_tokenizer': qdir, 'data.qformer_max_len': 16, 'data.max_len': 48,
+          'reward.steps': 2, 'reward.batch_size': 8, 'train.log_every': 1,
+          'train.eval_examples': 8, 'train.eval_batch_size': 8}
+  config = load_config(os.path.join(root, 'configs', 'demo_reward.py'), over)
+  assert config.model.connector.kind == 'mlp' and config.data.image_norm == 'clip'
+  res = reward.train_reward(config, str(tmp_path / 'run'))
+  assert 0 <= res['eval/accuracy'] <= 1 and np.isfinite(res['eval/rewards/chosen'])
+  final = str(tmp_path / 'run' / 'reward' / 'model')
+  assert pretrained.saved_image_norm(final) == 'siglip'
+  assert transformers.AutoTokenizer.from_pretrained(
+      os.path.join(final, reward.QFORMER_TOKENIZER)).get_vocab() == qtok.get_vocab()
+
+  f, params = reward.load_reward(final, mesh1(), 'dp')
+  score = it.reward_model_scorer(final, tok, f.mesh, f.rules, 48, 'clip', 4,
+                                 qformer_max_len=16)
+  s = [it.prompt_sample(i, 'train', 0, 16) for i in range(2)]
+  got = score([(x.messages[0]['content'], r, x) for x, r in zip(s, ['red', 'two'])])
+  for x, r, g in zip(s, ['red', 'two'], got):   # one conversation at a time, unpadded
+    ids = conversation.tokenize_conversation(
+        tok, [{'role': 'user', 'content': x.messages[0]['content']},
+              {'role': 'assistant', 'content': r}], num_image_tokens=4)[0]
+    q = qtok(x.messages[0]['content'].replace('<image>', '').strip())['input_ids']
+    px = images.normalize(np.stack(x.images[:1])[None], images.SIGLIP_MEAN, images.SIGLIP_STD)
+    want = f.model.apply({'params': params}, ids[None], px,
+                         qformer_input_ids=np.asarray([q], np.int32),
+                         qformer_attention_mask=np.ones((1, len(q)), np.int32))
+    np.testing.assert_allclose(g, want[0], rtol=1e-5, atol=1e-6)

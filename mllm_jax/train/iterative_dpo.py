@@ -43,7 +43,6 @@ an HF start's `qformer_tokenizer/`, else the starting training run's, else the L
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib
 import json
@@ -61,6 +60,7 @@ from mllm_jax import generate as gen
 from mllm_jax import sharding as shd
 from mllm_jax.data import conversation, images as image_utils, preference, synthetic
 from mllm_jax.data import tokenizer as tok_lib
+from mllm_jax.train.reward import needs_instruction
 
 Scorer = Callable[[str, str, synthetic.Sample], float]
 
@@ -166,12 +166,6 @@ class PairsTask(preference.PreferenceTask):
     return self._cache[key]
 
 
-def needs_instruction(mcfg) -> bool:
-  """Whether the model (config) has an instruction-aware Q-Former (InstructBLIP)."""
-  c = mcfg.connector
-  return mcfg.vision is not None and c.kind == 'qformer' and c.qformer.instruction
-
-
 def qformer_instructions(mcfg, qformer_tokenizer, max_len: int, what: str):
   """The Q-Former input builder of an instruction-aware model config `mcfg` (None for any other
   model): `synthetic.QFormerInstructions`, the tokenisation the SFT data used, with
@@ -261,11 +255,15 @@ def reward_model_scorer(path: str, tokenizer, mesh, rules, max_len: int, image_n
   """A batched scorer: the reward model at `path` scores (prompt, response) conversations,
   its images normalised as it was trained (its recorded image_norm; `image_norm` if it records
   none). An instruction-aware Q-Former reward model (InstructBLIP) reads each sample's
-  instruction tokenised with `qformer_tokenizer` (default: `tokenizer`) as its SFT / reward data
-  did."""
+  instruction as its SFT / reward data did, tokenised with the Q-Former tokenizer saved beside
+  it by the reward trainer, else `qformer_tokenizer`, else `tokenizer`."""
+  import transformers
   from mllm_jax.hf import pretrained
   from mllm_jax.train import reward
   factory, params = reward.load_reward(path, mesh, rules)
+  if os.path.isdir(os.path.join(path, reward.QFORMER_TOKENIZER)):
+    qformer_tokenizer = transformers.AutoTokenizer.from_pretrained(
+        os.path.join(path, reward.QFORMER_TOKENIZER))
   mcfg = factory.model.cfg
   mean, std = image_utils.NORMALIZATION[pretrained.saved_image_norm(path) or image_norm]
   n_img = mcfg.image_tokens if mcfg.vision else 0
@@ -348,39 +346,12 @@ def _start_policy(config, workdir):
   return reward.setup_from_policy(config, workdir)
 
 
-def qformer_tokenizer_path(config, workdir: str) -> str:
-  """Where the Q-Former tokenizer of an InstructBLIP start is ('' = the LLM tokenizer):
-  `config.data.qformer_tokenizer`, else the `qformer_tokenizer/` of an HF start
-  (InstructBlipProcessor's), else the starting training run's own `data.qformer_tokenizer` (so
-  the rounds tokenise each instruction as its SFT did)."""
-  from mllm_jax.hf.pretrained import run_config
-  if config.data.qformer_tokenizer:
-    return config.data.qformer_tokenizer
-  init = config.model.init_from
-  if init and os.path.isdir(os.path.join(init, 'qformer_tokenizer')):
-    return os.path.join(init, 'qformer_tokenizer')
-  run = run_config(init or os.path.join(workdir, 'sft'))
-  return (run.data.get('qformer_tokenizer', '') or '') if run is not None else ''
-
-
-def policy_config(config, mcfg, qformer_tokenizer: str):
-  """A copy of `config` whose connector kind, Q-Former instruction flag and Q-Former tokenizer
-  are the policy checkpoint's (its architecture wins over config.model), so the evaluation
-  tasks `loop` builds from it give an InstructBLIP policy its instruction, and no other policy
-  one."""
-  out = copy.deepcopy(config)
-  out.model.connector.kind = mcfg.connector.kind
-  out.model.connector.qformer.instruction = bool(needs_instruction(mcfg))
-  out.data.qformer_tokenizer = qformer_tokenizer
-  return out
-
-
 def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
   """Every round of `config.iterative` (resuming at the first unfinished one); returns the
   per-round metrics. `scorer` overrides config.iterative.scorer."""
   from mllm_jax.hf import pretrained
   from mllm_jax.models import MLLM
-  from mllm_jax.train import dpo, loop, optim, steps
+  from mllm_jax.train import dpo, loop, optim, reward, steps
   it = config.iterative
   os.makedirs(workdir, exist_ok=True)
   if it.temperature <= 0:
@@ -394,11 +365,10 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
     scorer = load_scorer(it.scorer)
   tokenizer, mcfg, start = _start_policy(config, workdir)
   # InstructBLIP: every forward of the policy (sampling, evaluation, DPO) and of the reward
-  # model reads the sample's instruction, tokenised as its SFT data was
-  qpath = qformer_tokenizer_path(config, workdir)
-  config = policy_config(config, mcfg, qpath)
-  # the pixels the policy was trained on: the start's image_norm wins over the config's
-  config = pretrained.start_image_norm(config, start, 'policy')
+  # model reads the sample's instruction, tokenised as its SFT data was; and every image is
+  # normalised as the policy's training data was
+  config = reward.policy_config(config, mcfg, start, workdir)
+  qpath = config.data.qformer_tokenizer
 
   qlen = config.data.qformer_max_len
   qtok = loop.load_qformer_tokenizer(config, tokenizer)   # None unless the policy reads one

@@ -218,6 +218,9 @@ def from_policy(factory, path: str, rng) -> dict:
   return params
 
 
+QFORMER_TOKENIZER = 'qformer_tokenizer'   # beside a saved InstructBLIP reward model
+
+
 def load_reward(path: str, mesh=None, rules='fsdp'):
   """(factory, params) of a reward model saved with `pretrained.save_params` (e.g. by the
   training entry point in DIR/reward/model); `mesh` defaults to one device."""
@@ -342,6 +345,43 @@ def policy_start(config, workdir: str) -> str:
   return path
 
 
+def needs_instruction(mcfg) -> bool:
+  """Whether the model (config) has an instruction-aware Q-Former (InstructBLIP)."""
+  c = mcfg.connector
+  return mcfg.vision is not None and c.kind == 'qformer' and c.qformer.instruction
+
+
+def qformer_tokenizer_path(config, workdir: str) -> str:
+  """Where the Q-Former tokenizer of an InstructBLIP start is ('' = the LLM tokenizer):
+  `config.data.qformer_tokenizer`, else the `qformer_tokenizer/` of an HF start
+  (InstructBlipProcessor's), else the starting training run's own `data.qformer_tokenizer` (so
+  the policy's instructions are tokenised as its SFT did)."""
+  from mllm_jax.hf.pretrained import run_config
+  if config.data.qformer_tokenizer:
+    return config.data.qformer_tokenizer
+  init = config.model.init_from
+  if init and os.path.isdir(os.path.join(init, 'qformer_tokenizer')):
+    return os.path.join(init, 'qformer_tokenizer')
+  run = run_config(init or os.path.join(workdir, 'sft'))
+  return (run.data.get('qformer_tokenizer', '') or '') if run is not None else ''
+
+
+def policy_config(config, mcfg, path: str, workdir: str):
+  """A copy of `config` describing the starting policy at `path` (model config `mcfg`) as its
+  training did, for the jobs that start from one (reward model, iterative DPO): its connector
+  kind and Q-Former instruction flag (its architecture wins over config.model, so the tasks
+  `loop` builds give an InstructBLIP policy its instruction and no other policy one), its
+  Q-Former tokenizer (`qformer_tokenizer_path`) and its image normalisation
+  (`pretrained.start_image_norm`)."""
+  import copy
+  from mllm_jax.hf import pretrained
+  out = copy.deepcopy(config)
+  out.model.connector.kind = mcfg.connector.kind
+  out.model.connector.qformer.instruction = bool(needs_instruction(mcfg))
+  out.data.qformer_tokenizer = qformer_tokenizer_path(config, workdir)
+  return pretrained.start_image_norm(out, path, 'policy')
+
+
 def setup_from_policy(config, workdir: str, model_cls=None):
   """(tokenizer, model config, policy path) of the run's starting policy. The model config is
   the policy checkpoint's own (its architecture wins over config.model)."""
@@ -368,7 +408,7 @@ def train_reward(config, workdir: str) -> dict:
   from mllm_jax.train import loop, optim, steps
   from mllm_jax.train.metrics import MetricsWriter
   tokenizer, mcfg, start_path = setup_from_policy(config, workdir)
-  config = pretrained.start_image_norm(config, start_path, 'policy')   # the policy's pixels
+  config = policy_config(config, mcfg, start_path, workdir)   # its instructions and pixels
   mesh = shd.make_mesh(config.mesh.to_dict())
   rules = shd.logical_rules(config.sharding.rules)
   factory = steps.StateFactory(RewardModel(mcfg), mesh, rules)
@@ -425,6 +465,9 @@ def train_reward(config, workdir: str) -> dict:
     res = evaluate(state.params)
     writer.write(sc.steps, res)
     pretrained.save_params(final, factory.model, state.params, config.data.image_norm)
+    if needs_instruction(mcfg):   # its Q-Former tokenizer travels with it (reward_model_scorer)
+      loop.load_qformer_tokenizer(config, tokenizer).save_pretrained(
+          os.path.join(final, QFORMER_TOKENIZER))
     print(f"Reward model held-out: pairwise accuracy {res['eval/accuracy']:.4f}, rewards "
           f"chosen {res['eval/rewards/chosen']:.3f} / rejected "
           f"{res['eval/rewards/rejected']:.3f}; saved to {final}")
