@@ -169,6 +169,11 @@ def test_the_starts_image_norm_wins_over_the_config(start, tmp_path, capsys):
   out = pretrained.start_image_norm(config, str(tmp_path / 'sig'), 'policy')
   assert out.data.image_norm == 'siglip' and config.data.image_norm == 'clip'
   assert "trained with image_norm='siglip'" in capsys.readouterr().out
+  config.model.init_from = str(tmp_path / 'sig')   # a training run from it warns instead
+  assert pretrained.image_norm_warnings(config) == [
+      f"config.model.init_from={tmp_path / 'sig'} was trained with image_norm='siglip', but "
+      "config.data.image_norm='clip': set --config.data.image_norm=siglip unless the change is "
+      'meant']
   hf = tmp_path / 'hf'
   transformers.LlavaConfig().save_pretrained(hf)
   transformers.SiglipImageProcessor().save_pretrained(hf)
@@ -178,6 +183,9 @@ def test_the_starts_image_norm_wins_over_the_config(start, tmp_path, capsys):
   transformers.CLIPImageProcessor(image_mean=[0.4, 0.4, 0.4]).save_pretrained(hf)
   with pytest.raises(ValueError, match=f'{hf}: its image processor'):
     pretrained.saved_image_norm(str(hf))
+  config.model.vision.hf_path = str(hf)
+  assert pretrained.image_norm_warnings(config)[1].startswith(
+      f'config.model.vision.hf_path: {hf}: its image processor')
 
 
 def test_reward_model_scorer_scores_each_conversation(start, tmp_path):

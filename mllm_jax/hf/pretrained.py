@@ -165,6 +165,28 @@ def start_image_norm(config, path: str, what: str):
   return out
 
 
+def image_norm_warnings(config) -> list[str]:
+  """Where the weights a training run starts from (`config.model.init_from`,
+  `config.model.vision.hf_path`) were trained on pixels normalised otherwise than
+  `config.data.image_norm`: one message each (the run keeps the config's norm; almost always a
+  forgotten `--config.data.image_norm`)."""
+  out = []
+  for key, path in (('model.init_from', config.model.init_from),
+                    ('model.vision.hf_path', config.model.vision.get('hf_path', ''))):
+    if not path or not os.path.isdir(path):
+      continue
+    try:
+      norm = saved_image_norm(path)
+    except ValueError as e:
+      out.append(f'config.{key}: {e}')
+      continue
+    if norm is not None and norm != config.data.image_norm:
+      out.append(f'config.{key}={path} was trained with image_norm={norm!r}, but '
+                 f'config.data.image_norm={config.data.image_norm!r}: set '
+                 f'--config.data.image_norm={norm} unless the change is meant')
+  return out
+
+
 def saved_model_config(path: str):
   """(model config, tokenizer dir or None) of a params checkpoint or a training run."""
   if os.path.exists(os.path.join(path, MODEL_JSON)):

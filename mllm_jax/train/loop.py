@@ -373,6 +373,8 @@ def run(config, workdir: str) -> dict:
   state, params, first, data_state, counters = None, None, 0, None, None
   if pos is None:   # random init, then any pretrained weights config.model names
     from mllm_jax.hf import pretrained
+    for w in pretrained.image_norm_warnings(config):
+      print(f'WARNING: {w}')
     params = pretrained.init_params(factory, jax.random.key(config.seed))
   else:
     if pos.stage_index >= len(names) or names[pos.stage_index] != pos.stage:
