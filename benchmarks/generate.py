@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py           # batch 1 and 8, 64 new tokens, 5 timed repeats
     python benchmarks/generate.py --quick   # 16 new tokens, 2 timed repeats
+    python benchmarks/generate.py --dtype bfloat16   # both frameworks in bf16 (default fp32)
 
 The bench model of benchmarks/train_step.py (benchmarks/common.py) is built in transformers
 (LlavaForConditionalGeneration, fp32, sdpa attention), saved with save_pretrained and loaded
@@ -50,6 +51,9 @@ def main(argv=None):
                  help='untimed calls at the start of each turn (1, N, 1, ... new tokens)')
   p.add_argument('--scan-too', action='store_true',
                  help="also time layer_loop='scan' (the TPU/GPU default) in the same run")
+  p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                 help='parameters, activations and KV cache of both frameworks (default float32; '
+                      'bfloat16 changes the numbers, so the tokens may differ)')
   p.add_argument('--no-hugepages', action='store_true',
                  help='keep the environment (default: re-exec with glibc.malloc.hugetlb=1, as the '
                       'training CLI does; mllm_jax/hostmem.py)')
@@ -61,6 +65,7 @@ def main(argv=None):
     args.new_tokens, args.repeats = 16, 2
 
   import jax
+  import jax.numpy as jnp
   import numpy as np
   import torch
   import mllm_jax
@@ -69,12 +74,13 @@ def main(argv=None):
   torch.set_num_threads(common.cpu_count())
   print(f'machine: {common.cpu_model_name()}, {common.cpu_count()} usable cores; jax '
         f'{jax.__version__}, torch {torch.__version__}; prompt {PROMPT_LEN} tokens (196 image), '
-        f'{args.new_tokens} new tokens, greedy, fp32', flush=True)
+        f'{args.new_tokens} new tokens, greedy, {args.dtype}', flush=True)
 
   hf = build_torch_model('sdpa').eval()
   with tempfile.TemporaryDirectory() as tmp:
     hf.save_pretrained(tmp)
-    model, params = mllm_jax.load_hf(tmp)
+    model, params = mllm_jax.load_hf(tmp, dtype=jnp.dtype(args.dtype))
+  hf = hf.to(getattr(torch, args.dtype))
 
   # Roofline: a decode step must read every LLM weight it multiplies (not the vision tower, and
   # only one embedding row per token) plus the KV cache; measure the read bandwidth of a jitted
@@ -92,9 +98,10 @@ def main(argv=None):
   for batch in (1, 8):
     b = common.make_batch(batch=batch, seq=PROMPT_LEN, seed=1)
     ids, mask = b['input_ids'], b['attention_mask']
-    pixels = b['pixel_values'][:, 0]                                  # [B, H, W, 3]
+    pixels = b['pixel_values'][:, 0].astype(jnp.dtype(args.dtype))    # [B, H, W, 3]
     t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
-    t_px = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2)))
+    t_px = torch.from_numpy(np.ascontiguousarray(
+        b['pixel_values'][:, 0].transpose(0, 3, 1, 2))).to(getattr(torch, args.dtype))
 
     def ours(n, layer_loop='auto'):
       return lambda: np.asarray(mllm_jax.generate(model, params, ids, mask, pixels,
@@ -109,7 +116,7 @@ def main(argv=None):
       return run
 
     n = args.new_tokens
-    same = np.array_equal(ours(n)(), theirs(n)()[:, PROMPT_LEN:].numpy())
+    same = float(np.mean(ours(n)() == theirs(n)()[:, PROMPT_LEN:].numpy()))   # token fraction
     row = {}
     runs = [('mllm_jax', ours), ('transformers', theirs)]
     if args.scan_too:
@@ -138,7 +145,7 @@ def main(argv=None):
             f'{", ".join(f"{d / (n - 1) * 1e3:.1f}" for d in diffs[name])})', flush=True)
     print(f'batch {batch}: decode ratio {row["mllm_jax"]["decode"] / row["transformers"]["decode"]:.2f}, '
           f'prefill ratio {row["mllm_jax"]["prefill"] / row["transformers"]["prefill"]:.2f}; '
-          f'same greedy tokens: {same}', flush=True)
+          f'same greedy tokens: {same:.0%}', flush=True)
     results[batch] = row
   r = results[8]
   print(f'decode_tokens_per_s={r["mllm_jax"]["decode"]:.1f} '
