@@ -63,6 +63,9 @@ def base_config() -> CD:
                                   norm_eps=1e-12, act='gelu', cross_attention_every=2,
                                   instruction=False, vocab_size=0, max_position=512)),
       image_token_id=-1,                # -1: the tokenizer's '<image>' token
+      # LLaVA-NeXT AnyRes tiling, 'HxW,HxW,...' (e.g. '336x672,672x336,672x672,1008x336,
+      # 336x1008'); '' = one tile per image
+      image_grid_pinpoints='',
       dtype='float32', param_dtype='float32', attention='einsum', attention_blocks=1,
       remat_policy='none', vision_remat_policy='none',
       init_from=''))                    # every param from a convert / training / HF checkpoint

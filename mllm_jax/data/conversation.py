@@ -57,11 +57,20 @@ def _end_of_span(tokenizer, ids: Sequence[int], start: int, end: int) -> int:
   return end
 
 
-def _expand_images(ids, loss, turns, image_id: int, num_image_tokens: int) -> Tokenized:
-  """Repeat each image token `num_image_tokens` times at id level; images are never targets."""
+def _expand_images(ids, loss, turns, image_id: int, num_image_tokens) -> Tokenized:
+  """Repeat each image token `num_image_tokens` times at id level (an int, or one count per
+  image in order: LLaVA-NeXT's depend on the image's size); images are never targets."""
   ids = np.asarray(ids, np.int32)
   is_img = ids == image_id
-  reps = np.where(is_img, num_image_tokens, 1)
+  reps = np.ones(len(ids), np.int64)
+  if np.ndim(num_image_tokens) == 0:
+    reps[is_img] = num_image_tokens
+  else:
+    counts = np.asarray(num_image_tokens, np.int64)
+    if len(counts) != is_img.sum():
+      raise ValueError(f'{int(is_img.sum())} image tags but {len(counts)} per-image token '
+                       'counts')
+    reps[is_img] = counts
   loss, turns = np.where(is_img, 0, loss), np.where(is_img, 0, turns)
   return (np.repeat(ids, reps), np.repeat(loss, reps).astype(np.float32),
           np.repeat(turns, reps).astype(np.int32))
@@ -81,13 +90,14 @@ def _fit(out: Tokenized, max_len: int | None, truncate: bool, image_id: int) -> 
 
 
 def tokenize_conversation(tokenizer, messages: Sequence[dict[str, str]], *,
-                          image_token: str = '<image>', num_image_tokens: int,
+                          image_token: str = '<image>', num_image_tokens: int | Sequence[int],
                           max_len: int | None = None, truncate: bool = False,
                           cache: dict | None = None) -> Tokenized:
   """Chat messages -> (ids int32 [N], loss_mask float32 [N], turn_ids int32 [N]).
 
   messages: [{'role': 'system'|'user'|'assistant', 'content': str}, ...], rendered with the
-    tokenizer's chat template; each `image_token` in the text becomes `num_image_tokens` ids.
+    tokenizer's chat template; each `image_token` in the text becomes `num_image_tokens` ids
+    (or the i-th image `num_image_tokens[i]`).
   loss_mask is 1 exactly on assistant content + end-of-turn token(s); turn_ids gives those
   tokens the 1-based index of their assistant turn (0 elsewhere).
   max_len: longer sequences raise, or with truncate=True are cut (never through image tokens).
@@ -141,7 +151,7 @@ def tokenize_conversation(tokenizer, messages: Sequence[dict[str, str]], *,
 
 
 def tokenize_caption(tokenizer, caption: str, *, image_token: str = '<image>',
-                     num_image_tokens: int, num_images: int = 1,
+                     num_image_tokens: int | Sequence[int], num_images: int = 1,
                      max_len: int | None = None, truncate: bool = False) -> Tokenized:
   """LLaVA "plain" pretraining: [bos] [image tokens] caption [eos], loss on caption + eos.
 

@@ -545,13 +545,18 @@ def norm_name(mean: Sequence[float], std: Sequence[float]) -> str | None:
   return None
 
 
-def run_processor(image_norm: str, image_size: int, pad_to_square: bool = False
-                  ) -> 'ImageProcessor':
+def run_processor(image_norm: str, image_size: int, pad_to_square: bool = False,
+                  image_grid_pinpoints: Sequence[Sequence[int]] = ()) -> 'ImageProcessor':
   """The image preprocessing a training run applies (`config.data.image_norm`, the tower's
   `image_size`, `config.data.pad_to_square`): 'clip' = shortest-edge resize + centre crop,
   'siglip' = resize to a square; the norm's mean / std. The data pipeline, the generate CLI and
-  the exported processor all follow it."""
+  the exported processor all follow it. With `image_grid_pinpoints` (LLaVA-NeXT) it is
+  LlavaNextImageProcessor's AnyRes tiling (base tile: shortest-edge resize + centre crop) with
+  the norm's mean / std."""
   mean, std = NORMALIZATION[image_norm]
+  if image_grid_pinpoints:
+    return ImageProcessor(kind='llava_next', size=image_size, crop_size=image_size, mean=mean,
+                          std=std, image_grid_pinpoints=image_grid_pinpoints)
   return ImageProcessor(kind=image_norm, size=image_size,
                         crop_size=image_size if image_norm == 'clip' else None, mean=mean,
                         std=std, pad_to_square=pad_to_square)

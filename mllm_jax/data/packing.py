@@ -7,7 +7,10 @@ A sample is a dict of one tokenised example:
 instruction-aware Q-Former (InstructBLIP) also each image's instruction,
   qformer_input_ids / qformer_attention_mask int32 [n, L] (padded to L = qformer_max_len).
 
-Batches keep them per image slot, aligned with pixel_values [R, M, H, W, 3]:
+LLaVA-NeXT (AnyRes) samples have pixel_values [n, tiles, H, W, 3] and image_sizes int32 [n, 2].
+
+Batches keep them per image slot, aligned with pixel_values [R, M, H, W, 3] (AnyRes:
+[R, M, tiles, H, W, 3] and image_sizes [R, M, 2], zero for an empty slot):
   qformer_input_ids / qformer_attention_mask int32 [R, M, L]
 so a packed row's images each carry their own sample's instruction (collate functions take
 `qformer=(L, pad_id)`; None = no Q-Former instruction).
@@ -48,9 +51,12 @@ def _empty_rows(rows, seq_len, max_images, image_shape, pad_id, qformer, *int_ke
 
 def _image_slots(rows: int, max_images: int, image_shape, qformer) -> dict[str, np.ndarray]:
   """Empty image slots: pixel_values [R, M, H, W, 3], num_images [R], and with
-  qformer=(L, pad_id) the slots' instructions [R, M, L] (pad ids, mask 0)."""
+  qformer=(L, pad_id) the slots' instructions [R, M, L] (pad ids, mask 0). An AnyRes
+  image_shape (tiles, H, W, 3) also gives image_sizes int32 [R, M, 2] (0 = empty slot)."""
   out = {'pixel_values': np.zeros((rows, max_images) + tuple(image_shape), np.float32),
          'num_images': np.zeros((rows,), np.int32)}
+  if len(image_shape) == 4:
+    out['image_sizes'] = np.zeros((rows, max_images, 2), np.int32)
   if qformer is not None:
     length, pad = qformer
     out['qformer_input_ids'] = np.full((rows, max_images, length), pad, np.int32)
@@ -63,6 +69,8 @@ def _put_images(out: dict, row: int, slot: int, sample: dict) -> int:
   returns the number of images."""
   k = len(sample['pixel_values'])
   out['pixel_values'][row, slot:slot + k] = sample['pixel_values']
+  if 'image_sizes' in out:
+    out['image_sizes'][row, slot:slot + k] = sample['image_sizes']
   if 'qformer_input_ids' in out:
     for key in ('qformer_input_ids', 'qformer_attention_mask'):
       out[key][row, slot:slot + k] = sample[key]

@@ -58,6 +58,10 @@ class PipelineConfig:
   instruction (`records.image_instructions`) is tokenised with the Q-Former tokenizer and
   padded to this length (`qformer_input_ids` / `qformer_attention_mask` [B, max_images, L]);
   a longer instruction is bad input ('too_long'), or cut to it with `truncate`.
+  image_grid_pinpoints: LLaVA-NeXT (AnyRes): each image becomes tiles (a base tile + the grid
+  of the pinpoint best fitting it, LlavaNextImageProcessor's), `pixel_values` [B, M, tiles, H,
+  W, 3] with `image_sizes` [B, M, 2], and its tag expands to the image's own token count
+  (unpadded grid + a newline per grid row + the base tile's patches, of `patch_size`).
   """
   kind: str = 'conversation'
   max_len: int = 2048
@@ -76,6 +80,8 @@ class PipelineConfig:
   seed: int = 0
   image_token: str = '<image>'
   qformer_max_len: int = 0
+  image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+  patch_size: int = 14
 
   def __post_init__(self):
     if self.kind not in records.KINDS:
@@ -94,6 +100,9 @@ class PipelineConfig:
     if self.qformer_max_len < 0:
       raise ValueError(f'config.data.qformer_max_len={self.qformer_max_len} must be >= 0 '
                        '(0: the model reads no Q-Former instruction)')
+    if self.image_grid_pinpoints and (self.pad_to_square or self.qformer_max_len):
+      raise ValueError('config.model.image_grid_pinpoints (LLaVA-NeXT AnyRes tiles) goes with '
+                       'neither config.data.pad_to_square nor a Q-Former instruction')
     if self.window < 1 or self.max_images < 1:
       raise ValueError(f'config.data.window={self.window} and max_images={self.max_images} '
                        'must be >= 1')
@@ -106,8 +115,17 @@ class PipelineConfig:
     return tuple(sorted(set(self.buckets) | {self.max_len}))
 
   @property
-  def image_shape(self) -> tuple[int, int, int]:
+  def image_shape(self) -> tuple[int, ...]:
+    """One image slot: [H, W, 3], or [tiles, H, W, 3] under AnyRes (room for the base tile
+    and the largest pinpoint's grid)."""
+    if self.image_grid_pinpoints:
+      return (self.max_tiles, self.image_size, self.image_size, 3)
     return (self.image_size, self.image_size, 3)
+
+  @property
+  def max_tiles(self) -> int:
+    return 1 + max((h // self.image_size) * (w // self.image_size)
+                   for h, w in self.image_grid_pinpoints)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,7 +177,8 @@ class Preprocess(grain.transforms.Map):
 
   def __init__(self, tokenizer, cfg: PipelineConfig, qformer_tokenizer=None):
     self.tokenizer, self.cfg = tokenizer, cfg
-    self.processor = images.run_processor(cfg.image_norm, cfg.image_size, cfg.pad_to_square)
+    self.processor = images.run_processor(cfg.image_norm, cfg.image_size, cfg.pad_to_square,
+                                          cfg.image_grid_pinpoints)
     self.image_id = conversation.image_token_id(tokenizer, cfg.image_token)
     self.qformer = qformer_rows(cfg, qformer_tokenizer)   # (length, pad id) for the collation
     self.instructions = (None if self.qformer is None else synthetic.QFormerInstructions(
@@ -188,25 +207,36 @@ class Preprocess(grain.transforms.Map):
     if len(rec['images']) > c.max_images:
       raise bad('too_many_images', f'{len(rec["images"])} images > config.data.max_images='
                 f'{c.max_images}')
+    pixels = sizes = None
+    n_tokens = c.num_image_tokens
+    if c.image_grid_pinpoints:   # AnyRes: each image's token count depends on its size
+      pixels, sizes = self._images(element, rec, bad)
+      n_tokens = [sum(images.anyres_num_features(tuple(hw), c.image_grid_pinpoints,
+                                                 (c.image_size,) * 2, c.patch_size))
+                  for hw in sizes]
     if c.kind == 'preference':
       out = {}
       for side in ('chosen', 'rejected'):
         msgs = rec['messages'] + [{'role': 'assistant', 'content': rec[side]}]
-        ids, loss, turns = self._tokens(msgs, bad)
+        ids, loss, turns = self._tokens(msgs, bad, n_tokens)
         # Only the final answer is the preference target, not earlier assistant turns.
         loss = np.where(turns == turns.max(), loss, 0).astype(np.float32)
         out[f'{side}_input_ids'], out[f'{side}_loss_mask'] = ids, loss
     elif c.kind == 'caption':
       ids, loss, turns = self._fit(conversation.tokenize_caption(
           self.tokenizer, rec['caption'], image_token=c.image_token,
-          num_image_tokens=c.num_image_tokens, num_images=len(rec['images'])), bad)
+          num_image_tokens=n_tokens, num_images=len(rec['images'])), bad)
       out = {'input_ids': ids, 'loss_mask': loss, 'turn_ids': turns}
     else:
-      ids, loss, turns = self._tokens(rec['messages'], bad)
+      ids, loss, turns = self._tokens(rec['messages'], bad, n_tokens)
       out = {'input_ids': ids, 'loss_mask': loss, 'turn_ids': turns}
     if self.instructions is not None:
       out.update(self._instructions(rec, bad))
-    out['pixel_values'] = self._images(element, rec, bad)
+    if pixels is None:
+      pixels, _ = self._images(element, rec, bad)
+    out['pixel_values'] = pixels
+    if sizes is not None:
+      out['image_sizes'] = sizes
     return out
 
   def _instructions(self, rec, bad) -> dict[str, np.ndarray]:
@@ -222,12 +252,12 @@ class Preprocess(grain.transforms.Map):
         self.instructions.ids(text, f'the Q-Former instruction of image {i + 1}',
                               lambda msg: bad('too_long', msg)) for i, text in enumerate(texts)])
 
-  def _tokens(self, messages, bad):
+  def _tokens(self, messages, bad, num_image_tokens):
     try:
       out = conversation.tokenize_conversation(
           self.tokenizer, messages, image_token=self.cfg.image_token,
-          num_image_tokens=self.cfg.num_image_tokens, cache=self._prefix_cache)
-    except ValueError as e:   # e.g. the template rejects a role order
+          num_image_tokens=num_image_tokens, cache=self._prefix_cache)
+    except ValueError as e:   # e.g. the template rejects a role order, or a tag count
       raise bad('bad_record', f'chat template: {e}') from None
     if len(self._prefix_cache) > 50_000:
       self._prefix_cache.clear()
@@ -248,9 +278,11 @@ class Preprocess(grain.transforms.Map):
                 'after truncation')
     return out
 
-  def _images(self, element, rec, bad) -> np.ndarray:
-    """float32 [n, H, W, 3], decoded and preprocessed."""
+  def _images(self, element, rec, bad) -> tuple[np.ndarray, np.ndarray]:
+    """(float32 [n, H, W, 3] or AnyRes tiles [n, tiles, H, W, 3] (zero after each image's
+    own), original (H, W) int32 [n, 2]), decoded and preprocessed."""
     out = np.zeros((len(rec['images']),) + self.cfg.image_shape, np.float32)
+    sizes = np.zeros((len(rec['images']), 2), np.int32)
     for i, rel in enumerate(rec['images']):
       if 'image_bytes' in element:   # TFDS: the file's bytes as they were at build time
         data, where = element['image_bytes'][i], f'image {rel!r} (stored bytes)'
@@ -272,10 +304,12 @@ class Preprocess(grain.transforms.Map):
         except ValueError as e:
           raise bad('bad_image', str(e)) from None
       try:
-        out[i] = self.processor.preprocess(pil)
+        x = self.processor.preprocess(pil)
       except ValueError as e:
         raise bad('bad_image', f'image {rel!r}: {e}') from None
-    return out
+      out[i, :len(x)] = x
+      sizes[i] = pil.size[::-1]
+    return out, sizes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -469,7 +503,8 @@ def _pad_to_common_length(b, pad_id):
     return b
   out = {}
   for k, v in b.items():   # token axes only: not image slots, not Q-Former instructions
-    if v.ndim >= 2 and v.shape[1] == t and k != 'pixel_values' and not k.startswith('qformer_'):
+    if (v.ndim >= 2 and v.shape[1] == t and k not in ('pixel_values', 'image_sizes') and
+        not k.startswith('qformer_')):
       pad = np.full((v.shape[0], common - t) + v.shape[2:], pad_id if k.endswith('input_ids')
                     else 0, v.dtype)
       v = np.concatenate([v, pad], axis=1)
@@ -681,7 +716,8 @@ def task_from_config(config, tokenizer, mcfg, task: str, split: str) -> FileTask
       # packing is for SFT / pretraining stages; a run's DPO stage batches one pair per row
       truncate=d.truncate, packing=d.packing and split == 'train' and kind != 'preference',
       window=d.window, workers=d.workers, seed=config.seed if d.shuffle_seed < 0 else d.shuffle_seed,
-      qformer_max_len=qformer_max_len)
+      qformer_max_len=qformer_max_len, image_grid_pinpoints=mcfg.image_grid_pinpoints,
+      patch_size=mcfg.vision.patch_size)
   files = lambda s: [f.strip() for f in str(s).split(',') if f.strip()]
   if d.source == 'llava_json':
     prefix = {'caption': 'caption_', 'preference': 'preference_'}.get(kind, '')

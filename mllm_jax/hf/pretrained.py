@@ -341,7 +341,12 @@ def _check_whole(ours: MLLMConfig, theirs: MLLMConfig, path: str):
                      f'{"has none" if ours.vision is None else "has one"}')
   if ours.vision is not None:
     check_same_architecture(ours.vision, theirs.vision, 'config.model.vision', path)
-    check_same_architecture(ours.connector, theirs.connector, 'config.model.connector', path)
+    oc = ours.connector
+    if oc.kind != 'qformer' and theirs.connector.kind != 'qformer':   # its Q-Former fields unused
+      oc = dataclasses.replace(oc, qformer=theirs.connector.qformer)
+    check_same_architecture(oc, theirs.connector, 'config.model.connector', path)
     if tuple(ours.image_grid_pinpoints) != tuple(theirs.image_grid_pinpoints):
+      want = ','.join(f'{h}x{w}' for h, w in theirs.image_grid_pinpoints)
       raise ValueError(f'config.model.image_grid_pinpoints={ours.image_grid_pinpoints} does not '
-                       f'match {path}: {theirs.image_grid_pinpoints}')
+                       f'match {path}: {theirs.image_grid_pinpoints} '
+                       f"(--config.model.image_grid_pinpoints='{want}')")

@@ -67,7 +67,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
           beta * (rejected_logps - ref_rejected_logps))
 
 
-SHARED = ('pixel_values', 'qformer_input_ids', 'qformer_attention_mask')   # one per pair
+SHARED = ('pixel_values', 'qformer_input_ids', 'qformer_attention_mask', 'image_sizes')   # per pair
 
 
 def concat_sides(batch):

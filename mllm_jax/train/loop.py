@@ -70,7 +70,23 @@ def model_config(config, tokenizer=None) -> MLLMConfig:
     if tokenizer is None:
       raise ValueError('config.model.image_token_id=-1 needs a tokenizer with an <image> token')
     d['image_token_id'] = tokenizer.convert_tokens_to_ids('<image>')
+  d['image_grid_pinpoints'] = parse_pinpoints(d.get('image_grid_pinpoints', ''))
   return MLLMConfig.from_dict(d)
+
+
+def parse_pinpoints(value) -> tuple[tuple[int, int], ...]:
+  """config.model.image_grid_pinpoints 'HxW,HxW' (or pairs) -> ((H, W), ...)."""
+  if not isinstance(value, str):
+    return tuple((int(h), int(w)) for h, w in value)
+  try:
+    out = tuple(tuple(int(v) for v in p.lower().split('x')) for p in value.split(',')
+                if p.strip())
+    if any(len(p) != 2 for p in out):
+      raise ValueError
+    return out
+  except ValueError:
+    raise ValueError(f'config.model.image_grid_pinpoints={value!r}: expected HxW pairs, e.g. '
+                     "'336x672,672x336,672x672'") from None
 
 
 def make_task(config, tokenizer, mcfg: MLLMConfig, task: str, split: str):

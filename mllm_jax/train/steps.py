@@ -22,7 +22,7 @@ from mllm_jax.train import losses
 from mllm_jax.train.optim import merge_params, split_params, trainable_mask
 
 MODEL_INPUTS = ('input_ids', 'pixel_values', 'attention_mask', 'positions', 'segment_ids',
-                'qformer_input_ids', 'qformer_attention_mask')
+                'qformer_input_ids', 'qformer_attention_mask', 'image_sizes')
 
 
 @flax.struct.dataclass
