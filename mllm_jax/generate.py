@@ -300,7 +300,7 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     import transformers
     model, params = mllm_jax.load_hf(hf)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
-    pp = hf_image_processor_config(hf)
+    pp = image_lib.hf_processor_config(hf)
     if pp is not None:
       processor = image_lib.ImageProcessor.from_hf(pp)
     else:
@@ -328,23 +328,6 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
       pretrained.saved_image_norm(checkpoint) or 'clip', mcfg.vision.image_size,
       data.get('pad_to_square', False))
   return model, params, tokenizer, processor
-
-
-def hf_image_processor_config(hf: str) -> dict | None:
-  """The image processor settings of an HF directory: `preprocessor_config.json`, or the
-  `image_processor` entry of `processor_config.json` (where transformers 5.x processors save
-  them); None if neither is there."""
-  import json
-  import os
-  pp = os.path.join(hf, 'preprocessor_config.json')
-  if os.path.exists(pp):
-    with open(pp) as f:
-      return json.load(f)
-  pc = os.path.join(hf, 'processor_config.json')
-  if os.path.exists(pc):
-    with open(pc) as f:
-      return json.load(f).get('image_processor')
-  return None
 
 
 def needs_instruction(model) -> bool:

@@ -23,6 +23,7 @@ original LLaVA code and older transformers used.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from typing import Any, Mapping, Sequence
@@ -535,6 +536,21 @@ class ImageProcessor:
     h, w = self.tile_size
     n = (h // patch_size) * (w // patch_size) + num_additional_image_tokens
     return n - 1 if vision_feature_select_strategy == 'default' else n
+
+
+def hf_processor_config(hf: str) -> dict | None:
+  """The image processor settings of an HF directory: `preprocessor_config.json`, or the
+  `image_processor` entry of `processor_config.json` (where transformers 5.x processors save
+  them); None if neither is there."""
+  pp = os.path.join(hf, 'preprocessor_config.json')
+  if os.path.exists(pp):
+    with open(pp) as f:
+      return json.load(f)
+  pc = os.path.join(hf, 'processor_config.json')
+  if os.path.exists(pc):
+    with open(pc) as f:
+      return json.load(f).get('image_processor')
+  return None
 
 
 def norm_name(mean: Sequence[float], std: Sequence[float]) -> str | None:

@@ -137,8 +137,7 @@ def saved_image_norm(path: str) -> str | None:
       return json.load(f).get('image_norm')
   if os.path.exists(os.path.join(path, 'config.json')):
     from mllm_jax.data import images
-    from mllm_jax.generate import hf_image_processor_config
-    pp = hf_image_processor_config(path)
+    pp = images.hf_processor_config(path)
     if pp is None or pp.get('image_mean') is None:
       return None
     name = images.norm_name(pp['image_mean'], pp.get('image_std', ()))
