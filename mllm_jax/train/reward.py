@@ -218,7 +218,9 @@ def from_policy(factory, path: str, rng) -> dict:
   return params
 
 
-QFORMER_TOKENIZER = 'qformer_tokenizer'   # beside a saved InstructBLIP reward model
+# The Q-Former tokenizer's directory beside a model: InstructBlipProcessor's, and the reward
+# trainer's beside a saved InstructBLIP reward model
+QFORMER_TOKENIZER = 'qformer_tokenizer'
 
 
 def load_reward(path: str, mesh=None, rules='fsdp'):
@@ -360,8 +362,8 @@ def qformer_tokenizer_path(config, workdir: str) -> str:
   if config.data.qformer_tokenizer:
     return config.data.qformer_tokenizer
   init = config.model.init_from
-  if init and os.path.isdir(os.path.join(init, 'qformer_tokenizer')):
-    return os.path.join(init, 'qformer_tokenizer')
+  if init and os.path.isdir(os.path.join(init, QFORMER_TOKENIZER)):
+    return os.path.join(init, QFORMER_TOKENIZER)
   run = run_config(init or os.path.join(workdir, 'sft'))
   return (run.data.get('qformer_tokenizer', '') or '') if run is not None else ''
 
