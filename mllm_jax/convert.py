@@ -7,9 +7,10 @@
 with `--config.model.init_from=CKPT`. --to-hf reads such a checkpoint, or a training workdir
 (its latest checkpoint; the model comes from the run's saved config) and writes config.json +
 safetensors that transformers loads. For a training run it also writes the run's tokenizer and a
-processor with the run's image preprocessing (`config.data.image_norm`): LLaVA's, or for a
-Q-Former run BLIP-2's / InstructBLIP's (`num_query_tokens`; InstructBLIP's also with the
-Q-Former's tokenizer in `qformer_tokenizer/`), so `AutoProcessor` /
+processor with the run's image preprocessing (`config.data.image_norm`): LLaVA's (LLaVA-NeXT's,
+with the run's AnyRes `image_grid_pinpoints`), or for a Q-Former run BLIP-2's / InstructBLIP's
+(`num_query_tokens`; InstructBLIP's also with the Q-Former's tokenizer in
+`qformer_tokenizer/`), so `AutoProcessor` /
 `AutoTokenizer.from_pretrained(HF_DIR)` work.
 """
 from __future__ import annotations
@@ -59,15 +60,15 @@ def to_hf(src: str, out: str, dtype: str | None, max_shard_size: int):
 
 def save_tokenizer_and_processor(src, tok_dir, cfg, out):
   """The run's tokenizer, and the processor transformers pairs with the exported model:
-  LLaVA's, or for a Q-Former connector BLIP-2's / InstructBLIP's (`blip_processor`), with the
-  run's image preprocessing (`config.data.image_norm`)."""
+  LLaVA's (LLaVA-NeXT's for AnyRes tiles), or for a Q-Former connector BLIP-2's /
+  InstructBLIP's (`blip_processor`), with the run's image preprocessing (`config.data.image_norm`)."""
   import transformers
   from mllm_jax.data import images
   from mllm_jax.hf import pretrained
   tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
   tok.save_pretrained(out)
   v = getattr(cfg, 'vision', None)
-  if v is None or cfg.image_grid_pinpoints:
+  if v is None:
     return
   config = pretrained.run_config(src)
   norm = config.data.image_norm
@@ -76,17 +77,23 @@ def save_tokenizer_and_processor(src, tok_dir, cfg, out):
     blip_processor(config, cfg, tok, mean, std).save_pretrained(out)
     return
   s = v.image_size   # the run's preprocessing (images.run_processor) in transformers' class
+  tokens = dict(tokenizer=tok, patch_size=v.patch_size,
+                vision_feature_select_strategy='default' if v.feature_select == 'patch' else 'full',
+                num_additional_image_tokens=1 if v.has_cls else 0, chat_template=tok.chat_template)
+  if cfg.image_grid_pinpoints:   # AnyRes tiles: the base tile is a shortest-edge resize + crop
+    ip = transformers.LlavaNextImageProcessorPil(
+        size={'shortest_edge': s}, crop_size={'height': s, 'width': s},
+        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+        image_mean=list(mean), image_std=list(std))
+    transformers.LlavaNextProcessor(image_processor=ip, **tokens).save_pretrained(out)
+    return
   resize = (dict(size={'shortest_edge': s}, crop_size={'height': s, 'width': s},
                  do_center_crop=True) if norm == 'clip' else
             dict(size={'height': s, 'width': s}, do_center_crop=False))
   ip = transformers.LlavaImageProcessorPil(
       do_pad=bool(config.data.get('pad_to_square', False)), image_mean=list(mean),
       image_std=list(std), **resize)
-  proc = transformers.LlavaProcessor(
-      image_processor=ip, tokenizer=tok, patch_size=v.patch_size,
-      vision_feature_select_strategy='default' if v.feature_select == 'patch' else 'full',
-      num_additional_image_tokens=1 if v.has_cls else 0, chat_template=tok.chat_template)
-  proc.save_pretrained(out)
+  transformers.LlavaProcessor(image_processor=ip, **tokens).save_pretrained(out)
 
 
 def blip_processor(config, cfg, tok, mean, std):

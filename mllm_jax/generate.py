@@ -6,8 +6,10 @@
 
 Same input conventions as `model.apply`: image placeholder tokens already expanded in
 `input_ids`, `pixel_values` per sample [B, M, H, W, 3] or flat [N, H, W, 3] (channels first is
-accepted too). Prompts of different lengths are LEFT-padded (attention_mask 0 at the start), as
-for transformers' `generate`; position ids follow its convention (cumsum of the mask - 1).
+accepted too); a LLaVA-NeXT model takes AnyRes tiles [B, M, tiles, H, W, 3] or [N, tiles, H, W,
+3] with `image_sizes` [B, M, 2] / [N, 2] (original height, width), as its processor returns,
+each image tag expanded to that image's count (`image_token_counts`). Prompts of different
+lengths are LEFT-padded (attention_mask 0 at the start), as for transformers' `generate`; position ids follow its convention (cumsum of the mask - 1).
 After a row emits a stop token it emits `pad_token_id`; the loop ends when every row stopped.
 
 `temperature=0` is greedy decoding; otherwise logits / temperature, then top-k, then top-p
@@ -86,9 +88,10 @@ def diffusion_noise(pixel_values, rng, step: int, num_steps: int = 1000):
 # ----------------------------------------------------------------------------------------------
 # Prefill + decode
 # ----------------------------------------------------------------------------------------------
-def _generate(model, params, input_ids, attention_mask, pixel_values, rng, qformer, *,
+def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image_kw, *,
               max_new_tokens, cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id,
               vcd_alpha, vcd_beta, vcd_noise_step, layer_loop):
+  """image_kw: the image inputs besides pixel_values (image_sizes, qformer_*), [B or N, ...]."""
   b, t = input_ids.shape
   variables = {'params': params}
   rng, noise_rng = jax.random.split(rng)
@@ -96,7 +99,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, qform
     noised = diffusion_noise(pixel_values, noise_rng, vcd_noise_step)
     pixel_values = jnp.concatenate([pixel_values, noised], 0)
     input_ids, attention_mask = (jnp.concatenate([x, x], 0) for x in (input_ids, attention_mask))
-    qformer = {k: jnp.concatenate([x, x], 0) for k, x in qformer.items()}
+    image_kw = {k: jnp.concatenate([x, x], 0) for k, x in image_kw.items()}
   rows = input_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
 
@@ -105,7 +108,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, qform
 
   cache = model.apply(variables, rows, cache_len, method='init_cache')
   hidden, cache = model.apply(variables, input_ids, pixel_values, attention_mask, positions,
-                              cache=cache, method='hidden_states', **qformer)
+                              cache=cache, method='hidden_states', **image_kw)
   stops = jnp.asarray(stop_tokens or [-1], jnp.int32)
 
   def choose(logits, key):
@@ -201,11 +204,77 @@ def _compiled(model, **static):
 
 
 def tokens_per_image(model) -> int:
-  """Sequence tokens one image becomes (the connector's output length)."""
+  """Sequence tokens one image becomes (the connector's output length; for LLaVA-NeXT see
+  `image_token_counts`)."""
   return model.cfg.image_tokens
 
 
-def _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len):
+def image_token_counts(model, image_sizes) -> np.ndarray:
+  """LLaVA-NeXT: sequence tokens of each image of original size (H, W), int [...] for
+  image_sizes [..., 2] (0 for an empty slot of size 0 x 0): base tile + unpadded grid + one
+  newline per grid row, as the model packs them and LlavaNextProcessor counts them."""
+  from mllm_jax.data import images as image_lib
+  c = model.cfg
+  sizes = np.asarray(image_sizes).reshape(-1, 2)
+  counts = [0 if min(hw) <= 0 else sum(image_lib.anyres_num_features(
+      (int(hw[0]), int(hw[1])), c.image_grid_pinpoints, (c.vision.image_size,) * 2,
+      c.vision.patch_size)) for hw in sizes]
+  return np.asarray(counts, np.int64).reshape(np.shape(image_sizes)[:-1])
+
+
+def anyres_tiles_needed(model, image_sizes) -> np.ndarray:
+  """LLaVA-NeXT: tiles each image needs (base + its grid), int [...] for image_sizes [..., 2]."""
+  from mllm_jax.data import images as image_lib
+  c = model.cfg
+  tile = c.vision.image_size
+  sizes = np.asarray(image_sizes).reshape(-1, 2)
+  need = []
+  for h, w in sizes:
+    if min(h, w) <= 0:
+      need.append(0)
+      continue
+    bh, bw = image_lib.select_best_resolution((int(h), int(w)), c.image_grid_pinpoints)
+    need.append(1 + (bh // tile) * (bw // tile))
+  return np.asarray(need, np.int64).reshape(np.shape(image_sizes)[:-1])
+
+
+def _check_anyres(model, n_tokens, pixel_values, image_sizes):
+  """LLaVA-NeXT inputs: tiles [N, tiles, H, W, 3] + sizes [N, 2], or [B, M, tiles, ...] +
+  [B, M, 2]; each row's image tokens must be its images' packed lengths."""
+  if image_sizes is None:
+    raise ValueError('a LLaVA-NeXT model (image_grid_pinpoints) needs image_sizes [N, 2] (or '
+                     '[B, M, 2]) with the images\' original (height, width), as its processor '
+                     'returns them')
+  sizes = np.asarray(image_sizes)
+  rank = np.ndim(pixel_values)
+  lead = tuple(np.shape(pixel_values)[:rank - 4])
+  if rank not in (5, 6) or sizes.shape != lead + (2,):
+    raise ValueError(f'LLaVA-NeXT pixel_values {list(np.shape(pixel_values))} with image_sizes '
+                     f'{list(sizes.shape)}: expected tiles [N, tiles, H, W, 3] with [N, 2], or '
+                     '[B, M, tiles, H, W, 3] with [B, M, 2]')
+  need = anyres_tiles_needed(model, sizes)
+  have = np.shape(pixel_values)[rank - 4]
+  if need.max(initial=0) > have:
+    raise ValueError(f'an image of size {sizes.reshape(-1, 2)[need.argmax()].tolist()} needs '
+                     f'{int(need.max())} tiles (base + grid) but pixel_values has {have}: '
+                     'preprocess with the model\'s image_grid_pinpoints')
+  counts = image_token_counts(model, sizes)
+  if rank == 5:
+    if n_tokens.sum() != counts.sum():
+      raise ValueError(f'{len(counts)} images of sizes {sizes.tolist()} pack into '
+                       f'{counts.tolist()} tokens (= {int(counts.sum())}) but the prompts hold '
+                       f'{int(n_tokens.sum())} image tokens: expand each image tag to its '
+                       'image\'s count (generate.image_token_counts)')
+    return
+  bad = [i for i in range(len(n_tokens)) if n_tokens[i] != counts[i].sum()]
+  if bad:
+    raise ValueError(f'rows {bad}: image tokens {n_tokens[bad].tolist()} but their images pack '
+                     f'into {counts[bad].sum(-1).tolist()}: expand each image tag to its '
+                     "image's count (generate.image_token_counts)")
+
+
+def _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len,
+                  image_sizes=None):
   """Host-side checks with messages that say what to change."""
   b, t = input_ids.shape
   if max_new_tokens < 1:
@@ -218,16 +287,20 @@ def _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens
                      "row): tokenize with padding_side='left'")
   cfg = model.cfg
   n_tokens = ((input_ids == cfg.image_token_id) & attention_mask.astype(bool)).sum(1)
-  if cfg.vision is None or cfg.image_grid_pinpoints:
-    if pixel_values is not None and cfg.vision is None:
+  if cfg.vision is None:
+    if pixel_values is not None:
       raise ValueError('pixel_values given to a model without a vision tower')
     return
-  per_image = tokens_per_image(model)
   if pixel_values is None:
     if n_tokens.sum():
       raise ValueError(f'the prompts hold {int(n_tokens.sum())} image tokens but no pixel_values '
                        'were given')
     return
+  if cfg.image_grid_pinpoints:
+    return _check_anyres(model, n_tokens, pixel_values, image_sizes)
+  if image_sizes is not None:
+    raise ValueError('image_sizes is only for LLaVA-NeXT models (image_grid_pinpoints)')
+  per_image = tokens_per_image(model)
   rank = np.ndim(pixel_values)
   if rank == 4:      # flat list for the batch
     want = pixel_values.shape[0] * per_image
@@ -251,8 +324,10 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
              seed: int = 0, cache_len: int | None = None, vcd_alpha: float = 0.0,
              vcd_beta: float = 0.1, vcd_noise_step: int = 500, qformer_input_ids=None,
-             qformer_attention_mask=None, layer_loop: str = 'auto'):
+             qformer_attention_mask=None, image_sizes=None, layer_loop: str = 'auto'):
   """New token ids int32 [B, max_new_tokens] (pad_token_id after a stop token). See module doc.
+
+  image_sizes: LLaVA-NeXT's original (height, width) per image, [N, 2] or [B, M, 2].
 
   qformer_input_ids / qformer_attention_mask: InstructBLIP's instruction for its Q-Former
   ([B, L] per sample, or one row per image of a flat image list).
@@ -268,7 +343,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     layer_loop = 'unrolled' if jax.default_backend() == 'cpu' else 'scan'
   if layer_loop not in ('scan', 'unrolled'):
     raise ValueError(f"layer_loop={layer_loop!r}: expected 'auto', 'scan' or 'unrolled'")
-  _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len)
+  _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len,
+                image_sizes)
   if vcd_alpha > 0 and pixel_values is None:
     raise ValueError('visual contrastive decoding (vcd_alpha > 0) needs pixel_values')
   if pixel_values is not None:
@@ -278,11 +354,12 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
                  stop_tokens=tuple(int(s) for s in stop_tokens), pad_token_id=int(pad_token_id),
                  vcd_alpha=float(vcd_alpha), vcd_beta=float(vcd_beta),
                  vcd_noise_step=int(vcd_noise_step), layer_loop=layer_loop)
-  qformer = {k: jnp.asarray(v, jnp.int32) for k, v in (
+  image_kw = {k: jnp.asarray(v, jnp.int32) for k, v in (
       ('qformer_input_ids', qformer_input_ids),
-      ('qformer_attention_mask', qformer_attention_mask)) if v is not None}
+      ('qformer_attention_mask', qformer_attention_mask),
+      ('image_sizes', None if pixel_values is None else image_sizes)) if v is not None}
   return fn(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
-            jax.random.key(seed), qformer)
+            jax.random.key(seed), image_kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,8 +380,14 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     pp = image_lib.hf_processor_config(hf)
     if pp is not None:
       processor = image_lib.ImageProcessor.from_hf(pp)
+    elif model.cfg.vision is None:
+      processor = None
+    elif model.cfg.image_grid_pinpoints:
+      processor = image_lib.ImageProcessor(
+          'llava_next', size=model.cfg.vision.image_size, crop_size=model.cfg.vision.image_size,
+          image_grid_pinpoints=model.cfg.image_grid_pinpoints)
     else:
-      processor = None if model.cfg.vision is None else image_lib.ImageProcessor(
+      processor = image_lib.ImageProcessor(
           'blip' if model.cfg.connector.kind == 'qformer' else 'clip',
           size=model.cfg.vision.image_size, crop_size=model.cfg.vision.image_size)
     return model, params, tokenizer, processor
@@ -326,7 +409,7 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
   data = {} if config is None else config.data.to_dict()
   processor = None if mcfg.vision is None else image_lib.run_processor(
       pretrained.saved_image_norm(checkpoint) or 'clip', mcfg.vision.image_size,
-      data.get('pad_to_square', False))
+      data.get('pad_to_square', False), mcfg.image_grid_pinpoints)
   return model, params, tokenizer, processor
 
 
@@ -370,15 +453,20 @@ def instruction_inputs(model, qformer_tokenizer, text: str, n_images: int) -> di
 
 
 def prompt_ids(model, tokenizer, prompt: str, n_images: int, image_token: str = '<image>',
-               images_first: bool = False):
+               images_first: bool = False, image_tokens: Sequence[int] | None = None):
   """User turn (image tags first) through the chat template, image tags expanded -> [1, T].
 
   `images_first`: the image tokens go in front of the whole tokenised prompt instead, as
-  transformers' Blip2Processor / InstructBlipProcessor put them (before BOS)."""
+  transformers' Blip2Processor / InstructBlipProcessor put them (before BOS).
+  `image_tokens`: each image's token count (LLaVA-NeXT: `image_token_counts`); default the
+  model's fixed count per image."""
+  counts = ([tokens_per_image(model)] * n_images if image_tokens is None
+            else list(image_tokens))
+  if len(counts) != n_images:
+    raise ValueError(f'{len(counts)} image token counts for {n_images} images')
   if images_first and n_images:
     body = prompt_ids(model, tokenizer, prompt, 0, image_token)[0]
-    per = tokens_per_image(model) * n_images
-    return np.concatenate([np.full(per, model.cfg.image_token_id, np.int32), body])[None]
+    return np.concatenate([np.full(sum(counts), model.cfg.image_token_id, np.int32), body])[None]
   content = (image_token + '\n') * n_images + prompt
   if tokenizer.chat_template:
     text = tokenizer.apply_chat_template([{'role': 'user', 'content': content}], tokenize=False,
@@ -387,8 +475,12 @@ def prompt_ids(model, tokenizer, prompt: str, n_images: int, image_token: str = 
     text = content
   ids = tokenizer.encode(text, add_special_tokens=not tokenizer.chat_template)
   if n_images:
-    image_id, per = model.cfg.image_token_id, tokens_per_image(model)
-    ids = [j for i in ids for j in ([i] * per if i == image_id else [i])]
+    image_id, left = model.cfg.image_token_id, iter(counts)
+    if ids.count(image_id) != n_images:
+      raise ValueError(f'the tokenised prompt holds {ids.count(image_id)} image tokens for '
+                       f'{n_images} images: does {image_token!r} map to the model\'s '
+                       f'image_token_id {image_id}?')
+    ids = [j for i in ids for j in ([i] * next(left) if i == image_id else [i])]
   return np.asarray([ids], np.int32)
 
 
@@ -415,15 +507,20 @@ def main(argv=None):
   ap.add_argument('--vcd-noise-step', type=int, default=500)
   args = ap.parse_args(argv)
   model, params, tokenizer, processor = load_for_generation(args.checkpoint, args.hf)
-  pixel_values = None
+  pixel_values = image_sizes = counts = None
   if args.image:
     if processor is None:
       raise SystemExit('--image given but the model has no vision tower')
-    pixel_values = processor([Image.open(p) for p in args.image])['pixel_values']
+    pics = processor([Image.open(p) for p in args.image])
+    pixel_values = pics['pixel_values']
+    if model.cfg.image_grid_pinpoints:   # LLaVA-NeXT: tiles, and a token count per image size
+      image_sizes = pics['image_sizes']
+      counts = image_token_counts(model, image_sizes).tolist()
   # An HF BLIP-2 / InstructBLIP model saw its image tokens in front of the prompt (the
   # processor's layout); our runs saw them where the image tags were in the conversation.
   ids = prompt_ids(model, tokenizer, args.prompt, len(args.image),
-                   images_first=args.hf is not None and model.cfg.connector.kind == 'qformer')
+                   images_first=args.hf is not None and model.cfg.connector.kind == 'qformer',
+                   image_tokens=counts)
   qformer = {}
   if args.instruction is not None and not needs_instruction(model):
     raise SystemExit('--instruction is for models with an instruction-aware Q-Former '
@@ -437,7 +534,7 @@ def main(argv=None):
                  stop_tokens=tok_lib.stop_token_ids(tokenizer),
                  pad_token_id=tokenizer.pad_token_id or 0, seed=args.seed,
                  vcd_alpha=args.vcd_alpha, vcd_beta=args.vcd_beta,
-                 vcd_noise_step=args.vcd_noise_step, **qformer)
+                 vcd_noise_step=args.vcd_noise_step, image_sizes=image_sizes, **qformer)
   print(tokenizer.decode(np.asarray(out)[0], skip_special_tokens=True).strip())
 
 

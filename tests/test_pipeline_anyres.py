@@ -3,7 +3,7 @@ LlavaNextImageProcessor does and expands its tag to the image's own token count 
 LlavaNextProcessor gives), so a batch from LLaVA JSON gives a tiny LLaVA-NeXT built in
 transformers the same logits in our model as in transformers; packed rows keep each image's
 tiles and size (the packed logits equal the unpacked ones); the training job trains one from
-files (its loss falls)."""
+files (its loss falls), and its export's processor and greedy answer are the generate CLI's."""
 import os
 
 import jax
@@ -175,6 +175,42 @@ def test_training_job_trains_llava_next_from_files(tok, root, llava_next, tmp_pa
   with open(tmp_path / 'run' / 'metrics.jsonl') as f:
     losses = [json.loads(x)['loss'] for x in f if '"loss"' in x]
   assert len(losses) == 30 and np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+  # The run exported with `convert --to-hf`: transformers' LlavaNextProcessor tiles as the
+  # pipeline and the generate CLI do, and transformers' greedy answer on the export is the
+  # CLI's answer from the run (image tags expanded to each image's own count).
+  import contextlib
+  import io
+  from mllm_jax import convert, generate as gen
+  from mllm_jax.data import tokenizer as tl
+  convert.main(['--to-hf', str(tmp_path / 'run'), '--out', str(tmp_path / 'hf')])
+  proc = transformers.AutoProcessor.from_pretrained(tmp_path / 'hf')
+  assert type(proc).__name__ == 'LlavaNextProcessor'
+  files = [str(root / 'wide.png'), str(root / 'big.png')]
+  pics = [Image.open(f).convert('RGB') for f in files]
+  cli_proc = gen.load_for_generation(checkpoint=str(tmp_path / 'run'))[3]
+  train_proc = pipeline.Preprocess(tok, cfg()).processor
+  exported = proc.image_processor(pics, return_tensors='np')
+  for i, pic in enumerate(pics):
+    tiles = exported['pixel_values'][i].transpose(0, 2, 3, 1)
+    want = train_proc.preprocess(pic)
+    np.testing.assert_allclose(tiles[:len(want)], want, atol=1e-5)
+    np.testing.assert_allclose(cli_proc([pic])['pixel_values'][0], want, atol=1e-6)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    gen.main(['--checkpoint', str(tmp_path / 'run'), '--image', files[0], '--image', files[1],
+              '--prompt', 'compare them', '--max-new-tokens', '8'])
+  text = proc.tokenizer.apply_chat_template(
+      [{'role': 'user', 'content': '<image>\n<image>\ncompare them'}], tokenize=False,
+      add_generation_prompt=True)
+  ref_in = proc(text=[text], images=pics, return_tensors='pt', add_special_tokens=False)
+  hf = transformers.LlavaNextForConditionalGeneration.from_pretrained(tmp_path / 'hf').eval()
+  with torch.no_grad():
+    ref = hf.generate(**ref_in, max_new_tokens=8, do_sample=False,
+                      eos_token_id=tl.stop_token_ids(proc.tokenizer), pad_token_id=0)
+  ref = ref[0, ref_in['input_ids'].shape[1]:]
+  assert len(ref) > 1 and out.getvalue().strip() == proc.tokenizer.decode(
+      ref, skip_special_tokens=True).strip(), (out.getvalue(), ref)
 
 
 def test_preference_pairs_share_the_images_tiles_and_size(tok, root, llava_next, tmp_path):
