@@ -39,7 +39,8 @@ def from_hf(src: str, out: str, dtype: str | None):
   import jax.numpy as jnp
   from mllm_jax.hf import api, pretrained
   model, params = api.load_hf(src, dtype=jnp.dtype(dtype or 'float32'))
-  pretrained.save_params(out, model, params, pretrained.saved_image_norm(src))
+  pretrained.save_params(out, model, params, pretrained.saved_image_norm(src),
+                         pretrained.saved_pad_to_square(src))
   print(f'Wrote {out} ({type(model).__name__}); train from it with '
         f'--config.model.init_from={os.path.abspath(out)}')
 

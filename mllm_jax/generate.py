@@ -365,9 +365,11 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
-  """(model, params, tokenizer, ImageProcessor) from a training run / convert checkpoint or an
-  HF directory; params placed on one device."""
+def load_for_generation(checkpoint: str | None = None, hf: str | None = None,
+                        tokenizer: str | None = None):
+  """(model, params, tokenizer, ImageProcessor) from a training run / params checkpoint or an
+  HF directory; params placed on one device. `tokenizer`: a tokenizer directory instead of the
+  run's / HF directory's own (a params checkpoint carries none)."""
   from mllm_jax.data import images as image_lib, tokenizer as tok_lib
   if (checkpoint is None) == (hf is None):
     raise ValueError('give exactly one of --checkpoint (training workdir, checkpoint step dir '
@@ -376,7 +378,7 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
     import mllm_jax
     import transformers
     model, params = mllm_jax.load_hf(hf)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer or hf)
     pp = image_lib.hf_processor_config(hf)
     if pp is not None:
       processor = image_lib.ImageProcessor.from_hf(pp)
@@ -400,16 +402,15 @@ def load_for_generation(checkpoint: str | None = None, hf: str | None = None):
   factory = steps.StateFactory(model, shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
                                shd.logical_rules('dp'))
   params = pretrained.restore_params(checkpoint, factory.abstract_params)
-  if tok_dir is None:
-    raise ValueError(f'{checkpoint}: a convert checkpoint carries no tokenizer; use the '
-                     'training workdir or --hf')
-  tokenizer = tok_lib.load_tokenizer(tok_dir)
-  # the run's image preprocessing; a params checkpoint's recorded norm (none recorded: CLIP's)
-  config = pretrained.run_config(checkpoint)
-  data = {} if config is None else config.data.to_dict()
+  if tokenizer is None and tok_dir is None:
+    raise ValueError(f'{checkpoint}: a params checkpoint carries no tokenizer; give '
+                     '--tokenizer DIR (the one it was trained with), or use the training '
+                     'workdir or --hf')
+  tokenizer = tok_lib.load_tokenizer(tokenizer or tok_dir)
+  # the run's image preprocessing, or a params checkpoint's record (none: CLIP's, no padding)
   processor = None if mcfg.vision is None else image_lib.run_processor(
       pretrained.saved_image_norm(checkpoint) or 'clip', mcfg.vision.image_size,
-      data.get('pad_to_square', False), mcfg.image_grid_pinpoints)
+      bool(pretrained.saved_pad_to_square(checkpoint)), mcfg.image_grid_pinpoints)
   return model, params, tokenizer, processor
 
 
@@ -493,6 +494,9 @@ def main(argv=None):
   src = ap.add_mutually_exclusive_group(required=True)
   src.add_argument('--checkpoint', help='training workdir, checkpoint step dir or convert output')
   src.add_argument('--hf', help='Hugging Face model directory (LLaVA, Llama, Qwen2, ...)')
+  ap.add_argument('--tokenizer', default=None,
+                  help="tokenizer directory (default: the run's or the HF directory's; a "
+                       'params checkpoint needs it)')
   ap.add_argument('--image', action='append', default=[], help='image file (repeatable)')
   ap.add_argument('--prompt', required=True)
   ap.add_argument('--instruction', default=None,
@@ -506,7 +510,8 @@ def main(argv=None):
   ap.add_argument('--vcd-beta', type=float, default=0.1)
   ap.add_argument('--vcd-noise-step', type=int, default=500)
   args = ap.parse_args(argv)
-  model, params, tokenizer, processor = load_for_generation(args.checkpoint, args.hf)
+  model, params, tokenizer, processor = load_for_generation(args.checkpoint, args.hf,
+                                                            args.tokenizer)
   pixel_values = image_sizes = counts = None
   if args.image:
     if processor is None:

@@ -198,8 +198,9 @@ def test_cli_on_an_hf_directory_prints_the_greedy_answer(llava, tmp_path):
 def test_run_export_and_cli_preprocess_images_like_the_runs_training_data(tmp_path):
   """A run with image_norm='siglip' (square resize) and pad_to_square: `convert --to-hf`'s
   processor (transformers' LlavaImageProcessor) and the generate CLI's `--checkpoint`
-  preprocessing give the training pipeline's pixels for non-square images; the norm is what
-  the run, its export and the export converted back to a params checkpoint record."""
+  preprocessing give the training pipeline's pixels for non-square images; the norm and the
+  padding are what the run, its export and the export converted back to a params checkpoint
+  record, and the CLI on that params checkpoint (with --tokenizer) pads too."""
   import os
   from PIL import Image
   from mllm_jax import convert
@@ -235,3 +236,9 @@ def test_run_export_and_cli_preprocess_images_like_the_runs_training_data(tmp_pa
   convert.main(['--from-hf', str(tmp_path / 'hf'), '--out', str(tmp_path / 'ck')])
   assert [pretrained.saved_image_norm(str(tmp_path / d)) for d in ('run', 'hf', 'ck')] == [
       'siglip'] * 3
+  assert [pretrained.saved_pad_to_square(str(tmp_path / d)) for d in ('run', 'hf', 'ck')] == [
+      True] * 3
+  with pytest.raises(ValueError, match='--tokenizer DIR'):   # a params checkpoint has none
+    gen.load_for_generation(checkpoint=str(tmp_path / 'ck'))
+  cli = gen.load_for_generation(checkpoint=str(tmp_path / 'ck'), tokenizer=str(tmp_path / 'hf'))
+  np.testing.assert_allclose(cli[3](pics)['pixel_values'], want, atol=1e-6)

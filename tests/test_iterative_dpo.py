@@ -165,21 +165,37 @@ def test_the_starts_image_norm_wins_over_the_config(start, tmp_path, capsys):
       shd.logical_rules('dp')).abstract_params)
   pretrained.save_params(str(tmp_path / 'sig'), model, params, 'siglip')
   assert pretrained.saved_image_norm(path) is None            # saved without one
-  assert pretrained.start_image_norm(config, path, 'policy') is config
-  out = pretrained.start_image_norm(config, str(tmp_path / 'sig'), 'policy')
+  assert pretrained.start_preprocessing(config, path, 'policy') is config
+  out = pretrained.start_preprocessing(config, str(tmp_path / 'sig'), 'policy')
   assert out.data.image_norm == 'siglip' and config.data.image_norm == 'clip'
+  assert not out.data.pad_to_square                          # recorded: no padding
   assert "trained with image_norm='siglip'" in capsys.readouterr().out
   config.model.init_from = str(tmp_path / 'sig')   # a training run from it warns instead
   assert pretrained.image_norm_warnings(config) == [
       f"config.model.init_from={tmp_path / 'sig'} was trained with image_norm='siglip', but "
       "config.data.image_norm='clip': set --config.data.image_norm=siglip unless the change is "
       'meant']
+  # padding to a square travels the same way
+  pretrained.save_params(str(tmp_path / 'pad'), model, params, 'clip', True)
+  assert pretrained.saved_pad_to_square(path) is None
+  out = pretrained.start_preprocessing(config, str(tmp_path / 'pad'), 'policy')
+  assert out.data.pad_to_square is True and out.data.image_norm == 'clip'
+  assert not config.data.pad_to_square
+  assert 'trained with pad_to_square=True' in capsys.readouterr().out
+  config.model.init_from = str(tmp_path / 'pad')
+  assert pretrained.image_norm_warnings(config) == [
+      f'config.model.init_from={tmp_path / "pad"} was trained with pad_to_square=True, but '
+      'config.data.pad_to_square=False: set --config.data.pad_to_square=True unless the change '
+      'is meant']
   hf = tmp_path / 'hf'
   transformers.LlavaConfig().save_pretrained(hf)
   transformers.SiglipImageProcessor().save_pretrained(hf)
   assert pretrained.saved_image_norm(str(hf)) == 'siglip'
   transformers.CLIPImageProcessor().save_pretrained(hf)
   assert pretrained.saved_image_norm(str(hf)) == 'clip'
+  assert pretrained.saved_pad_to_square(str(hf)) is False
+  transformers.LlavaImageProcessor(do_pad=True).save_pretrained(hf)
+  assert pretrained.saved_pad_to_square(str(hf)) is True
   transformers.CLIPImageProcessor(image_mean=[0.4, 0.4, 0.4]).save_pretrained(hf)
   with pytest.raises(ValueError, match=f'{hf}: its image processor'):
     pretrained.saved_image_norm(str(hf))

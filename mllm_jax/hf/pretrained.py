@@ -85,16 +85,20 @@ def check_same_architecture(ours, theirs, prefix: str, path: str):
 # ----------------------------------------------------------------------------------------------
 # Params checkpoints (orbax)
 # ----------------------------------------------------------------------------------------------
-def save_params(directory: str, model, params, image_norm: str | None = None):
+def save_params(directory: str, model, params, image_norm: str | None = None,
+                pad_to_square: bool | None = None):
   """A params checkpoint: `params/` (orbax) and the model config (JSON) beside it, with the
-  image normalisation the parameters were trained with (`config.data.image_norm`) when known,
-  so that whatever runs the model later (iterative DPO, generate) feeds it the same pixels."""
+  image preprocessing the parameters were trained with when known (`config.data.image_norm`,
+  `config.data.pad_to_square`), so that whatever runs the model later (iterative DPO,
+  generate, convert --to-hf) feeds it the same pixels."""
   directory = os.path.abspath(directory)
   os.makedirs(directory, exist_ok=True)
   kind = 'vision' if isinstance(model.cfg, VisionConfig) else 'mllm'
   meta = {'kind': kind, 'config': dataclasses.asdict(model.cfg)}
   if image_norm is not None:
     meta['image_norm'] = image_norm
+  if pad_to_square is not None:
+    meta['pad_to_square'] = bool(pad_to_square)
   with open(os.path.join(directory, MODEL_JSON), 'w') as f:
     json.dump(meta, f, indent=1)
   ckptr = ocp.StandardCheckpointer()
@@ -150,17 +154,43 @@ def saved_image_norm(path: str) -> str | None:
   return None if config is None else config.data.image_norm
 
 
-def start_image_norm(config, path: str, what: str):
-  """A copy of `config` whose data.image_norm is the one the model at `path` (`what`, e.g.
-  'policy') was trained with (`saved_image_norm`), so it is fed the pixels it knows; a config
-  that said otherwise is told so. Unchanged when `path` records no norm."""
-  norm = saved_image_norm(path)
-  if norm is None or norm == config.data.image_norm:
-    return config
-  print(f"{what} {path} was trained with image_norm={norm!r}: using it (not "
-        f"config.data.image_norm={config.data.image_norm!r})")
-  out = copy.deepcopy(config)
-  out.data.image_norm = norm
+def saved_pad_to_square(path: str) -> bool | None:
+  """Whether the model at `path` saw images padded to a square before resizing (LLaVA-1.5's
+  `image_aspect_ratio='pad'`): a params checkpoint's record, a training run's
+  `data.pad_to_square`, or a Hugging Face directory's image processor (LlavaImageProcessor
+  `do_pad`, or `image_aspect_ratio: 'pad'`); None when `path` records nothing."""
+  meta = os.path.join(path, MODEL_JSON)
+  if os.path.exists(meta):
+    with open(meta) as f:
+      return json.load(f).get('pad_to_square')
+  if os.path.exists(os.path.join(path, 'config.json')):
+    from mllm_jax.data import images
+    pp = images.hf_processor_config(path)
+    if pp is None:
+      return None
+    try:
+      return images.ImageProcessor.from_hf(pp).pad_to_square
+    except ValueError:   # a processor type we don't run: it records no padding we know of
+      return None
+  config = run_config(path)
+  return None if config is None else bool(config.data.get('pad_to_square', False))
+
+
+def start_preprocessing(config, path: str, what: str):
+  """A copy of `config` whose data.image_norm and data.pad_to_square are those the model at
+  `path` (`what`, e.g. 'policy') was trained with (`saved_image_norm`, `saved_pad_to_square`),
+  so it is fed the pixels it knows; a config that said otherwise is told so. `config` itself
+  when `path` records nothing else."""
+  out = config
+  for key, saved in (('image_norm', saved_image_norm(path)),
+                     ('pad_to_square', saved_pad_to_square(path))):
+    if saved is None or saved == config.data.get(key):
+      continue
+    print(f'{what} {path} was trained with {key}={saved!r}: using it (not '
+          f'config.data.{key}={config.data.get(key)!r})')
+    if out is config:
+      out = copy.deepcopy(config)
+    out.data[key] = saved
   return out
 
 
@@ -183,6 +213,11 @@ def image_norm_warnings(config) -> list[str]:
       out.append(f'config.{key}={path} was trained with image_norm={norm!r}, but '
                  f'config.data.image_norm={config.data.image_norm!r}: set '
                  f'--config.data.image_norm={norm} unless the change is meant')
+    pad, ours = saved_pad_to_square(path), bool(config.data.get('pad_to_square', False))
+    if pad is not None and pad != ours:
+      out.append(f'config.{key}={path} was trained with pad_to_square={pad}, but '
+                 f'config.data.pad_to_square={ours}: set --config.data.pad_to_square={pad} '
+                 'unless the change is meant')
   return out
 
 

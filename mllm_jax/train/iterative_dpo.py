@@ -341,7 +341,8 @@ def _start_policy(config, workdir):
     tokenizer = tok_lib.load_tokenizer(config.data.tokenizer or path)
     if not os.path.exists(os.path.join(out, pretrained.MODEL_JSON)):
       model, params = api.load_hf(path)
-      pretrained.save_params(out, model, params, pretrained.saved_image_norm(path))
+      pretrained.save_params(out, model, params, pretrained.saved_image_norm(path),
+                             pretrained.saved_pad_to_square(path))
     return tokenizer, api.model_config(path), out
   return reward.setup_from_policy(config, workdir)
 
@@ -502,7 +503,7 @@ def run(config, workdir: str, scorer: Scorer | None = None) -> list[dict]:
       print(f'Round {r}: no pairs, the policy is unchanged')
     after = evaluate(policy)
     pretrained.save_params(os.path.join(rdir, 'policy'), factory.model, policy,
-                           config.data.image_norm)
+                           config.data.image_norm, config.data.get('pad_to_square', False))
     inside = os.path.abspath(start).startswith(os.path.abspath(workdir) + os.sep)
     m = {'round': r, 'start_policy': os.path.relpath(start, workdir) if inside else start,
          **counts, 'dpo_steps': n_steps, 'train': train_metrics, 'eval_before': before,

@@ -373,15 +373,15 @@ def policy_config(config, mcfg, path: str, workdir: str):
   training did, for the jobs that start from one (reward model, iterative DPO): its connector
   kind and Q-Former instruction flag (its architecture wins over config.model, so the tasks
   `loop` builds give an InstructBLIP policy its instruction and no other policy one), its
-  Q-Former tokenizer (`qformer_tokenizer_path`) and its image normalisation
-  (`pretrained.start_image_norm`)."""
+  Q-Former tokenizer (`qformer_tokenizer_path`) and its image preprocessing
+  (`pretrained.start_preprocessing`)."""
   import copy
   from mllm_jax.hf import pretrained
   out = copy.deepcopy(config)
   out.model.connector.kind = mcfg.connector.kind
   out.model.connector.qformer.instruction = bool(needs_instruction(mcfg))
   out.data.qformer_tokenizer = qformer_tokenizer_path(config, workdir)
-  return pretrained.start_image_norm(out, path, 'policy')
+  return pretrained.start_preprocessing(out, path, 'policy')
 
 
 def setup_from_policy(config, workdir: str, model_cls=None):
@@ -466,7 +466,8 @@ def train_reward(config, workdir: str) -> dict:
           ckpt.save(RunPosition('reward', 0, done, False, done), state, config_json)
     res = evaluate(state.params)
     writer.write(sc.steps, res)
-    pretrained.save_params(final, factory.model, state.params, config.data.image_norm)
+    pretrained.save_params(final, factory.model, state.params, config.data.image_norm,
+                           config.data.get('pad_to_square', False))
     if needs_instruction(mcfg):   # its Q-Former tokenizer travels with it (reward_model_scorer)
       loop.load_qformer_tokenizer(config, tokenizer).save_pretrained(
           os.path.join(final, QFORMER_TOKENIZER))
