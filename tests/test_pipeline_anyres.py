@@ -151,6 +151,28 @@ def test_packed_rows_keep_each_images_tiles_and_size(tok, root, llava_next):
         assert_close(got[r, start:start + n], ref[match[0], :n])
   assert sorted(found) == sorted(list(range(4)) * 4) and multi > 0
 
+  # Multi-host: a process whose bucket is shorter pads its packed rows to the longest one
+  # (`pipeline.pad_tokens`); the logits of the real tokens stay, the images are untouched.
+  b = packed[0]
+  t = b['input_ids'].shape[1]
+  longer = pipeline.pad_tokens(b, t + 16, tok.pad_token_id)
+  assert longer['input_ids'].shape[1] == t + 16 and longer['segment_ids'][:, t:].max() == 0
+  for k in ('pixel_values', 'image_sizes'):
+    np.testing.assert_array_equal(longer[k], b[k])
+  ks = keys + ('segment_ids', 'positions')
+  assert_close(np.asarray(fwd(params, {k: longer[k] for k in ks}))[:, :t],
+               np.asarray(fwd(params, {k: b[k] for k in ks})), b['attention_mask'])
+  # image slots, sizes and Q-Former instructions keep their shape even as long as the tokens
+  odd = {'input_ids': np.ones((2, 3), np.int32), 'loss_mask': np.ones((2, 3), np.float32),
+         'pixel_values': np.ones((2, 3, 4, 4, 3), np.float32),
+         'image_sizes': np.ones((2, 3, 2), np.int32),
+         'qformer_input_ids': np.ones((2, 3, 3), np.int32),
+         'qformer_attention_mask': np.ones((2, 3, 3), np.int32)}
+  out = pipeline.pad_tokens(odd, 5, 7)
+  assert out['input_ids'].tolist() == [[1, 1, 1, 7, 7]] * 2
+  assert out['loss_mask'].tolist() == [[1, 1, 1, 0, 0]] * 2
+  assert all(out[k].shape == odd[k].shape for k in odd if k not in ('input_ids', 'loss_mask'))
+
 
 def test_training_job_trains_llava_next_from_files(tok, root, llava_next, tmp_path):
   """`mllm_jax.train` from the HF LLaVA-NeXT directory on LLaVA JSON (packed): the loss falls."""

@@ -498,14 +498,23 @@ def _pad_to_common_length(b, pad_id):
   from jax.experimental import multihost_utils
   key = 'input_ids' if 'input_ids' in b else 'chosen_input_ids'
   t = b[key].shape[1]
-  common = int(np.max(multihost_utils.process_allgather(np.int32(t))))
-  if common == t:
+  return pad_tokens(b, int(np.max(multihost_utils.process_allgather(np.int32(t)))), pad_id)
+
+
+def pad_tokens(b, length: int, pad_id):
+  """A batch whose token axis (axis 1 of input_ids / chosen_input_ids, and of every array as
+  long) is padded to `length`: ids with `pad_id`, masks, labels, positions and segments with 0.
+  Image slots, image sizes and Q-Former instructions keep their shapes even when their axis 1
+  happens to be as long as the token axis."""
+  key = 'input_ids' if 'input_ids' in b else 'chosen_input_ids'
+  t = b[key].shape[1]
+  if length == t:
     return b
   out = {}
   for k, v in b.items():   # token axes only: not image slots, not Q-Former instructions
     if (v.ndim >= 2 and v.shape[1] == t and k not in ('pixel_values', 'image_sizes') and
         not k.startswith('qformer_')):
-      pad = np.full((v.shape[0], common - t) + v.shape[2:], pad_id if k.endswith('input_ids')
+      pad = np.full((v.shape[0], length - t) + v.shape[2:], pad_id if k.endswith('input_ids')
                     else 0, v.dtype)
       v = np.concatenate([v, pad], axis=1)
     out[k] = v
