@@ -174,6 +174,38 @@ def test_packed_rows_keep_each_images_tiles_and_size(tok, root, llava_next):
   assert all(out[k].shape == odd[k].shape for k in odd if k not in ('input_ids', 'loss_mask'))
 
 
+def test_grain_workers_and_length_buckets_carry_the_tiles(tok, root):
+  """The training stream with a grain worker process and length buckets: every row is a
+  sample's in-process ids, tiles and size, padded to the smallest bucket that fits the batch
+  (the records' lengths 12, 32, 46, 47 fall in three buckets)."""
+  path = [str(root / 'train.json')]
+  buckets = (24, 40, 96)
+  task = pipeline.json_task(tok, cfg(workers=1, buckets=buckets, max_images=2), 'train',
+                            path, image_root=str(root))
+  ref = task.batch(0, 16)
+  n_ref = ref['attention_mask'].sum(1)
+  it = task.train_iterator(4, 1, 0, 1)
+  try:
+    batches = [{k: v[0] for k, v in next(it).items()} for _ in range(6)]
+  finally:
+    it.close()
+  seen, lengths = [], set()
+  for b in batches:
+    t = b['input_ids'].shape[1]
+    n = b['attention_mask'].sum(1)
+    assert t == min(x for x in buckets + (128,) if x >= n.max())   # the smallest bucket
+    lengths.add(t)
+    for r in range(4):
+      match = [u for u in range(16) if n_ref[u] == n[r] and
+               np.array_equal(ref['input_ids'][u, :n[r]], b['input_ids'][r, :n[r]])]
+      assert match, r
+      u = match[0]
+      seen.append(ref['input_ids'][u, :n[r]].tobytes())
+      for key in ('pixel_values', 'image_sizes'):
+        np.testing.assert_array_equal(b[key][r], ref[key][u], err_msg=key)
+  assert len(seen) == 24 and len(set(seen)) > 1 and len(lengths) > 1   # several buckets
+
+
 def test_training_job_trains_llava_next_from_files(tok, root, llava_next, tmp_path):
   """`mllm_jax.train` from the HF LLaVA-NeXT directory on LLaVA JSON (packed): the loss falls."""
   import json
