@@ -11,9 +11,16 @@ process is written, so a save interrupted by kill -9, a full disk or a dead host
 picked up as the latest checkpoint; the previous checkpoints are untouched until the new one is
 complete. A save that fails raises `CheckpointError` naming the directory and the OS error, and
 a state with non-finite parameters or optimizer state is refused before anything is written.
+
+With `async_save` (config.train.async_checkpoint), `save` returns once the state is copied to
+host memory and orbax writes it in background threads while training goes on; the train step
+may then donate the device buffers. A failed background write raises its `CheckpointError` at
+the next `save`, `wait` or `close` (the loop closes the checkpointer before it exits, also on
+SIGTERM), so no failure goes unreported and no run ends before its last save is on disk.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -45,17 +52,28 @@ class RunPosition:
 # ----------------------------------------------------------------------------------------------
 # The `data` item: one JSON file per process, inside orbax's atomic save
 # ----------------------------------------------------------------------------------------------
-class DataStateHandler(ocp.CheckpointHandler):
+class DataStateHandler(ocp.AsyncCheckpointHandler):
   """Writes this process's data-iterator state (a JSON-serialisable dict) as
   `process_<i>-of-<n>.json`; restore returns this process's dict. When the process count
   changed, a state shared by every saved process (the built-in tasks) still restores; states
-  that differ per process (sharded readers) need the same number of processes."""
+  that differ per process (sharded readers) need the same number of processes. The write is a
+  commit future like orbax's own items', so an async save does it in the background."""
+
+  async def _write(self, directory: epath.Path, state: dict, debug_delay: float):
+    name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    (directory / name).write_text(json.dumps(state, sort_keys=True))
+    if debug_delay:   # test hook: hold the checkpoint half-written (for kill -9 tests)
+      time.sleep(debug_delay)
+
+  async def async_save(self, directory: epath.Path, args: 'DataStateSave'):
+    # the state is copied now: the iterator moves on while the write waits
+    state = json.loads(json.dumps(args.state))
+    return [ocp.future.CommitFutureAwaitingContractedSignals(
+        self._write(directory, state, args.debug_delay), name='data_state_save')]
 
   def save(self, directory: epath.Path, args: 'DataStateSave'):
-    name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-    (directory / name).write_text(json.dumps(args.state, sort_keys=True))
-    if args.debug_delay:   # test hook: hold the checkpoint half-written (for kill -9 tests)
-      time.sleep(args.debug_delay)
+    for f in asyncio.run(self.async_save(directory, args)):
+      f.result()
 
   def restore(self, directory: epath.Path, args: 'DataStateRestore' = None):
     mine = directory / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
@@ -109,14 +127,21 @@ def all_finite(tree) -> bool:
 
 
 class Checkpointer:
-  def __init__(self, directory: str, max_to_keep: int = 2, debug_save_delay: float = 0.0):
+  """Saves and restores a run's checkpoints (module doc). `async_save`: writes go on in the
+  background after `save` returns (at most one in flight: the next `save` waits for it)."""
+
+  def __init__(self, directory: str, max_to_keep: int = 2, debug_save_delay: float = 0.0,
+               async_save: bool = False):
     self.directory = os.path.abspath(directory)
     self.debug_save_delay = debug_save_delay
+    self.async_save = async_save
+    self.pending: int | None = None   # global step of a background write not yet waited for
     try:
       os.makedirs(self.directory, exist_ok=True)
       self.manager = ocp.CheckpointManager(
           self.directory, item_names=('state', 'meta', 'data'),
-          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+          options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=async_save))
     except OSError as e:
       raise CheckpointError(f'cannot use checkpoint directory {self.directory}: {e}') from e
 
@@ -131,8 +156,10 @@ class Checkpointer:
 
   def save(self, pos: RunPosition, state: Any, config_json: str | None = None,
            data_state: dict | None = None):
-    """Save synchronously (collective over processes). Raises CheckpointError, leaving every
-    earlier checkpoint intact, when `state` is not finite or the write fails."""
+    """Save (collective over processes); with `async_save` return once the state is on the
+    host. Raises CheckpointError, leaving every earlier checkpoint intact, when `state` is not
+    finite or the write (or a previous background write) fails."""
+    self.wait()
     if not all_finite(state):
       raise CheckpointError(
           f'refusing to save step {pos.global_step} to {self.directory}: the parameters or '
@@ -146,13 +173,28 @@ class Checkpointer:
       items['data'] = DataStateSave(data_state, self.debug_save_delay)
     try:
       self.manager.save(pos.global_step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:
+      raise self._error(pos.global_step, e) from e
+    self.pending = pos.global_step
+    if not self.async_save:
+      self.wait()
+
+  def wait(self):
+    """Block until a background write is on disk; its failure -> CheckpointError."""
+    if self.pending is None:
+      return
+    step, self.pending = self.pending, None
+    try:
       self.manager.wait_until_finished()
-    except Exception as e:   # orbax re-raises OSErrors of its writer threads in several wrappers
-      os_err = _os_error(e)
-      raise CheckpointError(
-          f'could not write the checkpoint of step {pos.global_step} to {self.directory}: '
-          f'{os_err or e} (the previous checkpoints are intact; free space or fix the '
-          'directory, then rerun the same command to resume)') from e
+    except Exception as e:
+      raise self._error(step, e) from e
+
+  def _error(self, step: int, e: BaseException) -> CheckpointError:
+    # orbax re-raises OSErrors of its writer threads in several wrappers
+    return CheckpointError(
+        f'could not write the checkpoint of step {step} to {self.directory}: '
+        f'{_os_error(e) or e} (the previous checkpoints are intact; free space or fix the '
+        'directory, then rerun the same command to resume)')
 
   def restore_state(self, global_step: int, abstract_state: Any):
     """Restore into `abstract_state` (ShapeDtypeStructs carrying their target shardings)."""
@@ -170,7 +212,11 @@ class Checkpointer:
         data=DataStateRestore()))['data']
 
   def close(self):
-    self.manager.close()
+    """Waits for a background write (raising its failure), then releases orbax's threads."""
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
 
 
 def _os_error(e: BaseException | None) -> OSError | None:

@@ -99,6 +99,9 @@ def base_config() -> CD:
       qformer_tokenizer='', qformer_max_len=32))
   c.train = CD(dict(
       stages='pretrain,sft', log_every=10, checkpoint_every=500, keep_checkpoints=2,
+      # orbax writes checkpoints in background threads while training goes on (the step waits
+      # only for the copy to host memory); a failed write is raised at the next save or at exit
+      async_checkpoint=True,
       eval_examples=256, eval_batch_size=64, progress_bar=True,
       max_steps_per_run=0,    # >0: save and exit after this many steps (time-sliced queues)
       # lm_head + cross-entropy over [batch, logits_chunk] slices of each row's loss positions

@@ -274,6 +274,33 @@ def test_checkpointer_refuses_nonfinite_state_and_bad_directories(tmp_path):
     Checkpointer(str(tmp_path / 'file'))
 
 
+def test_async_save_returns_before_the_write_and_keeps_the_values(tmp_path):
+  """An async save returns once the state is on the host (the write, held 2 s by the test
+  hook, goes on in the background: the step directory is still temporary), the arrays can be
+  deleted as the donating train step does, and `wait` leaves the saved values; a sync save
+  returns only when the checkpoint is complete."""
+  import jax.numpy as jnp
+  rng = np.random.RandomState(0)
+  want = {'w': rng.randn(256, 1024).astype(np.float32), 'n': np.int32(3)}
+  for async_save, step in ((True, 1), (False, 2)):
+    ck = Checkpointer(ckdir_of(tmp_path), debug_save_delay=2.0, async_save=async_save)
+    state = {k: jnp.asarray(v) for k, v in want.items()}
+    t0 = time.time()
+    ck.save(RunPosition('sft', 0, step, False, step), state, data_state={'next_index': step})
+    blocked = time.time() - t0
+    done = sorted(os.listdir(ckdir_of(tmp_path)))
+    if async_save:
+      assert blocked < 1.5 and done == ['1.orbax-checkpoint-tmp'], (blocked, done)
+      for x in jax.tree.leaves(state):
+        x.delete()
+      ck.wait()
+    else:
+      assert blocked >= 2.0 and str(step) in done, (blocked, done)
+    assert ck.latest().global_step == step and ck.restore_data_state(step) == {'next_index': step}
+    ck.close()
+    np.testing.assert_array_equal(restore(tmp_path, step)['w'], want['w'])
+
+
 def test_train_iterator_state_and_process_rows(tmp_path, tokenizer_dir):
   """The data-state contract: set_state(get_state()) continues with the next batch, and
   process p of n makes rows [p*B/n, (p+1)*B/n) of the same global batch."""

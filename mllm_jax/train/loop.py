@@ -382,7 +382,8 @@ def run(config, workdir: str) -> dict:
         f'stages {names}')
 
   ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), config.train.keep_checkpoints,
-                      debug_save_delay=config.train.debug_save_delay)
+                      debug_save_delay=config.train.debug_save_delay,
+                      async_save=config.train.get('async_checkpoint', True))
   pos = ckpt.latest()
   writer = MetricsWriter(workdir, resume_step=pos.global_step if pos else None,
                          enabled=distributed.is_primary())

@@ -426,7 +426,8 @@ def train_reward(config, workdir: str) -> dict:
     print(f'Reward model already trained in {final}; held-out pairwise accuracy '
           f"{res['eval/accuracy']:.4f}")
     return res
-  ckpt = Checkpointer(os.path.join(out_dir, 'checkpoints'), config.train.keep_checkpoints)
+  ckpt = Checkpointer(os.path.join(out_dir, 'checkpoints'), config.train.keep_checkpoints,
+                      async_save=config.train.get('async_checkpoint', True))
   pos = ckpt.latest()
   writer = MetricsWriter(out_dir, resume_step=pos.global_step if pos else None)
   try:
