@@ -103,6 +103,27 @@ def test_frozen_params_unchanged_and_have_no_optimizer_state():
   assert np.isfinite(float(metrics['loss']))
 
 
+def test_logged_lr_is_the_optimizers_after_a_skipped_step():
+  """A non-finite step applies no update, so the optimizer's schedule stays where it was: the
+  next step's update (and its logged lr) uses the same rate, not the loop step's."""
+  cfg = OPT.copy_and_resolve_references()
+  cfg.warmup_steps = 4                       # lr 0, 2.5e-3, 5e-3, ... over the first steps
+  schedule = optim.learning_rate_schedule(cfg, 10)
+  tx = optim.make_optimizer(cfg, 10)
+  factory, state, _, _, mask = setup(mesh1(), tx=tx)
+  fn = steps.make_train_step(factory.model, tx, mask, schedule)
+  good = make_batch()
+  bad = dict(good, loss_mask=good['loss_mask'] * np.float32(np.nan))
+  lrs, skipped = [], []
+  for batch in (good, bad, good, good):
+    state, m = run_step(factory, state, fn, tx, mask, batch)
+    lrs.append(float(m['lr']))
+    skipped.append(float(m['nonfinite']))
+  assert skipped == [0, 1, 0, 0]
+  np.testing.assert_allclose(lrs, [schedule(0), schedule(1), schedule(1), schedule(2)])
+  assert int(state.step) == 4 and int(steps.optimizer_step(state)) == 3
+
+
 def test_trainable_regex_errors_name_the_key():
   factory, *_ = setup(mesh1())
   with pytest.raises(ValueError, match='config.sft.trainable'):

@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mllm_jax import sharding as shd
 from mllm_jax.models import moe
 from mllm_jax.train.optim import merge_params, split_params
-from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update
+from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update, optimizer_step
 
 LOSS_TYPES = ('sigmoid', 'hinge', 'ipo', 'robust', 'conservative')
 SIDES = ('chosen', 'rejected')
@@ -152,7 +152,7 @@ def make_dpo_train_step(model: nn.Module, tx: optax.GradientTransformation, mask
                     'logps/rejected': out['rejected_logps'] / n_pairs})
     metrics.update({k: v / accum for k, v in out.items() if k.startswith('moe/')})
     if schedule is not None:
-      metrics['lr'] = schedule(state.step)
+      metrics['lr'] = schedule(optimizer_step(state))
     return new, metrics
 
   return step

@@ -40,7 +40,7 @@ from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.models import layers as L
 from mllm_jax.train.dpo import SHARED, concat_sides
 from mllm_jax.train.optim import merge_params, split_params
-from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update
+from mllm_jax.train.steps import TrainState, accumulate_grads, guarded_update, optimizer_step
 
 SCORE_FILE = 'score.safetensors'     # the head beside an HF LLaVA export
 SCORE_KEY = 'score.weight'           # [1, hidden], as in HF *ForSequenceClassification
@@ -140,7 +140,7 @@ def make_reward_train_step(model: RewardModel, tx: optax.GradientTransformation,
                     'rewards/margins': (out['chosen'] - out['rejected']) / n_pairs,
                     'accuracy': out['right'] / n_pairs})
     if schedule is not None:
-      metrics['lr'] = schedule(state.step)
+      metrics['lr'] = schedule(optimizer_step(state))
     return new, metrics
 
   return step

@@ -167,6 +167,14 @@ def guarded_update(state: TrainState, trainable, frozen, grads, loss, tx):
   return new, dict(grad_norm=grad_norm, nonfinite=1.0 - finite.astype(jnp.float32))
 
 
+def optimizer_step(state: TrainState):
+  """The updates the optimizer has applied (its `count`), which is where its learning-rate
+  schedule is: behind `state.step` by the steps skipped as non-finite. `state.step` when the
+  optimizer keeps no count."""
+  counts = optax.tree_utils.tree_get_all_with_path(state.opt_state, 'count')
+  return counts[0][1] if counts else state.step
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: dict,
                     schedule: Callable | None = None, logits_chunk: int = 0,
                     logits_width: int = 0):
@@ -191,8 +199,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, mask: di
     new, metrics = guarded_update(state, trainable, frozen, grads, loss, tx)
     metrics.update(loss=loss, token_accuracy=out['correct'] / n_tokens, loss_tokens=out['tokens'])
     metrics.update({k: v / accum for k, v in out.items() if k.startswith('moe/')})
-    if schedule is not None:
-      metrics['lr'] = schedule(state.step)
+    if schedule is not None:   # the rate this step's update used
+      metrics['lr'] = schedule(optimizer_step(state))
     return new, metrics
 
   return train_step
