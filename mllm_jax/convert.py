@@ -62,7 +62,8 @@ def to_hf(src: str, out: str, dtype: str | None, max_shard_size: int):
 def save_tokenizer_and_processor(src, tok_dir, cfg, out):
   """The run's tokenizer, and the processor transformers pairs with the exported model:
   LLaVA's (LLaVA-NeXT's for AnyRes tiles), or for a Q-Former connector BLIP-2's /
-  InstructBLIP's (`blip_processor`), with the run's image preprocessing (`config.data.image_norm`)."""
+  InstructBLIP's (`blip_processor`), with the run's image preprocessing
+  (`config.data.image_norm`)."""
   import transformers
   from mllm_jax.data import images
   from mllm_jax.hf import pretrained

@@ -9,7 +9,8 @@ Same input conventions as `model.apply`: image placeholder tokens already expand
 accepted too); a LLaVA-NeXT model takes AnyRes tiles [B, M, tiles, H, W, 3] or [N, tiles, H, W,
 3] with `image_sizes` [B, M, 2] / [N, 2] (original height, width), as its processor returns,
 each image tag expanded to that image's count (`image_token_counts`). Prompts of different
-lengths are LEFT-padded (attention_mask 0 at the start), as for transformers' `generate`; position ids follow its convention (cumsum of the mask - 1).
+lengths are LEFT-padded (attention_mask 0 at the start), as for transformers' `generate`;
+position ids follow its convention (cumsum of the mask - 1).
 After a row emits a stop token it emits `pad_token_id`; the loop ends when every row stopped.
 
 `temperature=0` is greedy decoding; otherwise logits / temperature, then top-k, then top-p

@@ -193,9 +193,11 @@ def test_the_starts_image_norm_wins_over_the_config(start, tmp_path, capsys):
   assert pretrained.saved_image_norm(str(hf)) == 'siglip'
   transformers.CLIPImageProcessor().save_pretrained(hf)
   assert pretrained.saved_image_norm(str(hf)) == 'clip'
-  assert pretrained.saved_pad_to_square(str(hf)) is False
+  assert pretrained.saved_pad_to_square(str(hf)) is None      # CLIP's processor: unknown
   transformers.LlavaImageProcessor(do_pad=True).save_pretrained(hf)
   assert pretrained.saved_pad_to_square(str(hf)) is True
+  transformers.LlavaImageProcessor(do_pad=False).save_pretrained(hf)
+  assert pretrained.saved_pad_to_square(str(hf)) is False
   transformers.CLIPImageProcessor(image_mean=[0.4, 0.4, 0.4]).save_pretrained(hf)
   with pytest.raises(ValueError, match=f'{hf}: its image processor'):
     pretrained.saved_image_norm(str(hf))

@@ -157,21 +157,20 @@ def saved_image_norm(path: str) -> str | None:
 def saved_pad_to_square(path: str) -> bool | None:
   """Whether the model at `path` saw images padded to a square before resizing (LLaVA-1.5's
   `image_aspect_ratio='pad'`): a params checkpoint's record, a training run's
-  `data.pad_to_square`, or a Hugging Face directory's image processor (LlavaImageProcessor
-  `do_pad`, or `image_aspect_ratio: 'pad'`); None when `path` records nothing."""
+  `data.pad_to_square`, or a Hugging Face directory's `LlavaImageProcessor` (`do_pad`) or
+  `image_aspect_ratio`; None when `path` records nothing. Other HF processors (CLIP's, also in
+  the llava-hf ports of models trained with padding) say nothing about it."""
   meta = os.path.join(path, MODEL_JSON)
   if os.path.exists(meta):
     with open(meta) as f:
       return json.load(f).get('pad_to_square')
   if os.path.exists(os.path.join(path, 'config.json')):
     from mllm_jax.data import images
-    pp = images.hf_processor_config(path)
-    if pp is None:
-      return None
-    try:
-      return images.ImageProcessor.from_hf(pp).pad_to_square
-    except ValueError:   # a processor type we don't run: it records no padding we know of
-      return None
+    pp = images.hf_processor_config(path) or {}
+    if 'image_aspect_ratio' in pp:
+      return pp['image_aspect_ratio'] == 'pad'
+    kind = (pp.get('image_processor_type') or '').removesuffix('Fast').removesuffix('Pil')
+    return bool(pp.get('do_pad', False)) if kind == 'LlavaImageProcessor' else None
   config = run_config(path)
   return None if config is None else bool(config.data.get('pad_to_square', False))
 
