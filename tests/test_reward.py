@@ -254,6 +254,17 @@ def test_reward_entry_point_trains_from_a_policy_saves_and_reruns(setup, tmp_pat
   assert 0 <= res['eval/accuracy'] <= 1
   again = reward.train_reward(config, str(tmp_path / 'run'))
   assert again == res
+  # a run cut after 2 steps (the per-run budget: the save-and-stop path SIGTERM takes too)
+  # resumes on rerun and logs the uninterrupted run's numbers
+  config.train.max_steps_per_run = 2
+  assert reward.train_reward(config, str(tmp_path / 'cut')) is None
+  assert sorted(os.listdir(tmp_path / 'cut' / 'reward' / 'checkpoints')) == ['2']
+  config.train.max_steps_per_run = 0
+  assert reward.train_reward(config, str(tmp_path / 'cut')) == res
+  with open(tmp_path / 'cut' / 'reward' / 'metrics.jsonl') as f:
+    cut = [json.loads(l) for l in f]
+  assert [(l['step'], l['loss']) for l in cut if 'loss' in l] == [
+      (l['step'], l['loss']) for l in lines if 'loss' in l]
 
 
 def test_instructblip_reward_step_reads_the_instruction(setup):

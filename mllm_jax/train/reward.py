@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Callable
 
@@ -404,7 +405,9 @@ def setup_from_policy(config, workdir: str, model_cls=None):
 def train_reward(config, workdir: str) -> dict:
   """Train stage `config.reward` (a stage config; `center_rewards_coefficient`) from the SFT
   policy; checkpoints in WORKDIR/reward/checkpoints (resumable), the final model in
-  WORKDIR/reward/model (params checkpoint, `load_reward`). Returns held-out metrics."""
+  WORKDIR/reward/model (params checkpoint, `load_reward`). Returns held-out metrics, or None
+  when it stopped after `config.train.max_steps_per_run` steps (saved; rerun to continue).
+  SIGTERM / SIGINT save the step and raise `loop.Interrupted`, as in the training job."""
   from mllm_jax.checkpoint import Checkpointer, RunPosition
   from mllm_jax.hf import pretrained
   from mllm_jax.train import loop, optim, steps
@@ -447,7 +450,8 @@ def train_reward(config, workdir: str) -> dict:
     batches = loop.train_batches(train_task, start, sc.batch_size, sc.grad_accum)
     config_json = config.to_json_best_effort()
     jstep, t0 = None, time.time()
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    budget = config.train.max_steps_per_run or None
+    with loop.StopSignals() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for s in range(start, sc.steps):
         host = next(batches)
         if jstep is None:
@@ -462,9 +466,18 @@ def train_reward(config, workdir: str) -> dict:
                 f"{m['accuracy']:.3f} ({time.time() - t0:.0f}s)")
           if not np.isfinite(m['loss']):
             raise FloatingPointError(f'reward model: non-finite loss {m["loss"]} at step {done}')
-        if (config.train.checkpoint_every and done % config.train.checkpoint_every == 0
-            and done < sc.steps):
+        # SIGTERM / SIGINT or the per-run step budget: save, then stop (a rerun resumes here)
+        interrupt = done < sc.steps and stop.requested()
+        out_of_budget = done < sc.steps and budget is not None and done - start >= budget
+        if done < sc.steps and (interrupt or out_of_budget or (
+            config.train.checkpoint_every and done % config.train.checkpoint_every == 0)):
           ckpt.save(RunPosition('reward', 0, done, False, done), state, config_json)
+        if interrupt:
+          raise loop.Interrupted(stop.signum or signal.SIGTERM, done, ckpt.directory)
+        if out_of_budget:
+          print(f'Stopped after config.train.max_steps_per_run={budget} steps; rerun the same '
+                f'command to continue from {ckpt.directory}')
+          return None
     res = evaluate(state.params)
     writer.write(sc.steps, res)
     pretrained.save_params(final, factory.model, state.params, config.data.image_norm,
