@@ -267,6 +267,49 @@ def test_reward_entry_point_trains_from_a_policy_saves_and_reruns(setup, tmp_pat
       (l['step'], l['loss']) for l in lines if 'loss' in l]
 
 
+def test_reward_entry_point_reads_preference_files_over_epochs_and_resumes(setup, tmp_path):
+  """The reward job on TRL preference records (LLaVA JSON source): 5 steps of 8 pairs run
+  through more than one shuffled epoch of the 24 training records (finite losses), and a
+  run cut after 2 steps resumes from its checkpoint's data state to the same losses."""
+  import json
+  import os
+  from data_files import write_image, write_json
+  from mllm_jax.config import load_config
+  model, task, _ = setup
+  policy = steps.StateFactory(MLLM(model.cfg), mesh1(), shd.logical_rules('fsdp'))
+  pretrained.save_params(str(tmp_path / 'policy'), policy.model,
+                         policy.init_params(jax.random.key(0)))
+  task.tokenizer.save_pretrained(str(tmp_path / 'tok'))
+  colours = ('red', 'green', 'blue')
+  for i, c in enumerate(colours):
+    write_image(str(tmp_path / 'img' / f'{c}.png'), i)
+  recs = [{'id': f'p{i}', 'prompt': 'what colour is it?', 'chosen': colours[i % 3],
+           'rejected': colours[(i + 1) % 3], 'images': [f'{colours[i % 3]}.png']}
+          for i in range(30)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  over = {'model.init_from': str(tmp_path / 'policy'), 'data.tokenizer': str(tmp_path / 'tok'),
+          'data.source': 'llava_json', 'data.image_root': str(tmp_path / 'img'),
+          'data.preference_files': write_json(str(tmp_path / 'p.jsonl'), recs, jsonl=True),
+          'data.train_files': str(tmp_path / 'p.jsonl'), 'data.eval_fraction': 0.2,
+          'data.max_len': 48, 'data.max_images': 1, 'reward.steps': 5, 'reward.batch_size': 8,
+          'train.log_every': 1, 'train.checkpoint_every': 0, 'train.eval_examples': 6,
+          'train.eval_batch_size': 8}
+  config = load_config(os.path.join(root, 'configs', 'demo_reward.py'), over)
+  res = reward.train_reward(config, str(tmp_path / 'run'))
+  assert 0 <= res['eval/accuracy'] <= 1
+  log = lambda w: [json.loads(l) for l in open(tmp_path / w / 'reward' / 'metrics.jsonl')]
+  full = [(l['step'], l['loss']) for l in log('run') if 'loss' in l]
+  assert [s for s, _ in full] == [1, 2, 3, 4, 5] and np.isfinite([x for _, x in full]).all()
+  config.train.max_steps_per_run = 2
+  assert reward.train_reward(config, str(tmp_path / 'cut')) is None
+  saved = tmp_path / 'cut' / 'reward' / 'checkpoints' / '2' / 'data'
+  state = json.loads(next(saved.glob('process_*.json')).read_text())
+  assert 'grain' in state                 # the file stream's own state, not a sample index
+  config.train.max_steps_per_run = 0
+  assert reward.train_reward(config, str(tmp_path / 'cut')) == res
+  assert [(l['step'], l['loss']) for l in log('cut') if 'loss' in l] == full
+
+
 def test_instructblip_reward_step_reads_the_instruction(setup):
   """A reward model with an instruction-aware Q-Former: the step's loss is the Bradley-Terry
   formula on rewards of the model called with each pair's instruction (both sides share it)."""

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mllm_jax import sharding as shd
+from mllm_jax import distributed, sharding as shd
 from mllm_jax.models import MLLM, MLLMConfig
 from mllm_jax.models import layers as L
 from mllm_jax.train.dpo import SHARED, concat_sides
@@ -433,6 +433,7 @@ def train_reward(config, workdir: str) -> dict:
                       async_save=config.train.get('async_checkpoint', True))
   pos = ckpt.latest()
   writer = MetricsWriter(out_dir, resume_step=pos.global_step if pos else None)
+  data_state = None
   try:
     if pos is None:
       state = factory.create_state(from_policy(factory, start_path, jax.random.key(config.seed)),
@@ -442,22 +443,28 @@ def train_reward(config, workdir: str) -> dict:
       print(f"Reward model before training: held-out pairwise accuracy {res['eval/accuracy']:.4f}")
     else:
       state = ckpt.restore_state(pos.global_step, factory.abstract_state(tx, mask))
+      data_state = ckpt.restore_data_state(pos.global_step)
       print(f'Resumed the reward model at step {pos.global_step}')
     start = int(jax.device_get(state.step))
     step_fn = make_reward_train_step(
         factory.model, tx, mask, schedule=optim.learning_rate_schedule(sc.optim, sc.steps),
         center_rewards_coefficient=sc.center_rewards_coefficient)
-    batches = loop.train_batches(train_task, start, sc.batch_size, sc.grad_accum)
+    # the training job's stream: built-in pairs by index, or files shuffled epoch after epoch;
+    # each checkpoint keeps the iterator state after the last batch a step consumed
+    batches = loop.prefetch(loop.train_iterator(train_task, sc, 'reward', mesh, start,
+                                                data_state), config.data.prefetch)
+    consumed = data_state
+    micro = sc.batch_size // sc.grad_accum
     config_json = config.to_json_best_effort()
     jstep, t0 = None, time.time()
     budget = config.train.max_steps_per_run or None
     with loop.StopSignals() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       for s in range(start, sc.steps):
-        host = next(batches)
+        host, consumed = next(batches)
         if jstep is None:
           jstep = steps.jit_train_step(step_fn, factory.state_shardings(tx, mask), mesh,
                                        {k: v.ndim - 1 for k, v in host.items()})
-        state, metrics = jstep(state, shd.shard_batch(host, mesh, leading_accum=True))
+        state, metrics = jstep(state, distributed.global_batch(host, mesh, micro))
         done = s + 1
         if done % config.train.log_every == 0 or done == sc.steps:
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -471,7 +478,8 @@ def train_reward(config, workdir: str) -> dict:
         out_of_budget = done < sc.steps and budget is not None and done - start >= budget
         if done < sc.steps and (interrupt or out_of_budget or (
             config.train.checkpoint_every and done % config.train.checkpoint_every == 0)):
-          ckpt.save(RunPosition('reward', 0, done, False, done), state, config_json)
+          ckpt.save(RunPosition('reward', 0, done, False, done), state, config_json,
+                    data_state=consumed)
         if interrupt:
           raise loop.Interrupted(stop.signum or signal.SIGTERM, done, ckpt.directory)
         if out_of_budget:
