@@ -9,14 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 
 from mllm_jax import generate as gen
 from mllm_jax.hf import api
-from test_hf import IMAGE_ID, build_llava, images, tokenizer  # noqa: F401 (fixture)
-
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]      # 28 px tiles: grids of 1x2, 2x1, 2x2
+from test_generate import hf_generate
+from test_hf import (IMAGE_ID, PINPOINTS, build_llava, images, llava_next_processor,
+                     tokenizer)  # noqa: F401 (fixture)
 PROMPTS = ['USER : <image> <image> compare ASSISTANT :',
            'USER : <image> describe the picture ASSISTANT :',
            'USER : what is it ? ASSISTANT :']
@@ -32,23 +31,11 @@ def llava_next(tmp_path_factory, tokenizer):
   hf.generation_config.pad_token_id = 0
   hf.save_pretrained(path)
   tokenizer.padding_side = 'left'
-  proc = transformers.LlavaNextProcessor(
-      image_processor=transformers.LlavaNextImageProcessorPil(
-          size={'shortest_edge': 28}, crop_size={'height': 28, 'width': 28},
-          image_grid_pinpoints=PINPOINTS),
-      tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy='default',
-      num_additional_image_tokens=1)
+  proc = llava_next_processor(tokenizer)
   proc.save_pretrained(path)
   inputs = dict(proc(text=PROMPTS, images=images(*SIZES), return_tensors='np', padding=True))
   model, params = api.load_hf(str(path))
   return hf, model, params, inputs, path
-
-
-def hf_generate(hf, inputs, n, eos=None):
-  with torch.no_grad():
-    out = hf.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=n,
-                      do_sample=False, eos_token_id=eos, pad_token_id=0)
-  return out[:, inputs['input_ids'].shape[1]:].numpy()
 
 
 def ours(model, params, inputs, **kw):

@@ -267,7 +267,18 @@ def test_llava_key_layouts_load_identical_params(tmp_path):
   tree_equal(mllm_jax.hf.params_from_state_dict(model, hf.state_dict()), ref)
 
 
-PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+PINPOINTS = [[28, 56], [56, 28], [56, 56]]   # 28 px tiles: grids of 1x2, 2x1, 2x2
+
+
+def llava_next_processor(tokenizer):
+  """transformers' LlavaNextProcessor for `build_llava(pinpoints=PINPOINTS)` (28 px CLIP
+  tiles of 14 px patches, CLS dropped)."""
+  return transformers.LlavaNextProcessor(
+      image_processor=transformers.LlavaNextImageProcessorPil(
+          size={'shortest_edge': 28}, crop_size={'height': 28, 'width': 28},
+          image_grid_pinpoints=PINPOINTS),
+      tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy='default',
+      num_additional_image_tokens=1)
 
 
 def test_llava_next_anyres_matches_transformers(tmp_path, tokenizer):
@@ -276,12 +287,7 @@ def test_llava_next_anyres_matches_transformers(tmp_path, tokenizer):
   model, params = mllm_jax.load_hf(str(tmp_path / 'hf'))
   assert model.cfg.image_grid_pinpoints == ((28, 56), (56, 28), (56, 56))
   tokenizer.padding_side = 'right'
-  proc = transformers.LlavaNextProcessor(
-      image_processor=transformers.LlavaNextImageProcessorPil(
-          size={'shortest_edge': 28}, crop_size={'height': 28, 'width': 28},
-          image_grid_pinpoints=PINPOINTS),
-      tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy='default',
-      num_additional_image_tokens=1)
+  proc = llava_next_processor(tokenizer)
   sizes = [(30, 50), (60, 20), (28, 28)]
   inputs = dict(proc(text=PROMPTS, images=images(*sizes), return_tensors='np', padding=True))
   # the reference count: a 30x50 image on 28px tiles with these pinpoints packs 14 features
