@@ -102,3 +102,79 @@ def test_itg_needs_a_decoder_bos_id(tiny):
   bad = QFormerPretrainer(Stage1Config(vision=CFG.vision, qformer=CFG.qformer, embed_dim=8))
   with pytest.raises(ValueError, match='config.model.decoder_bos_id=-1'):
     bad.apply({'params': params}, px, ids, mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses: hand-computed values
+# ----------------------------------------------------------------------------------------------
+from mllm_jax.train import blip2_stage1 as s1   # noqa: E402
+
+L1 = np.log1p(np.exp(-2.0))   # CE of logits (2, 0) for class 0: 0.126928
+
+
+def test_itc_similarity_and_loss_values():
+  img = np.array([[[1.0, 0.0], [0.0, 1.0]]])            # one image, two query embeddings
+  txt = np.array([[0.6, 0.8], [1.0, 0.0]])
+  np.testing.assert_allclose(s1.itc_similarity(img, txt), [[0.8, 1.0]], rtol=1e-6)
+  eye = np.eye(2, dtype=np.float32)
+  out = s1.itc_loss(eye, 0.5)                            # logits [[2, 0], [0, 2]]
+  np.testing.assert_allclose(out['loss'], L1, rtol=1e-5)
+  assert out['i2t_accuracy'] == 1.0
+  # label smoothing 0.1: targets (0.95, 0.05): 0.95 * L1 + 0.05 * (2 + L1) = L1 + 0.1
+  np.testing.assert_allclose(s1.itc_loss(eye, 0.5, label_smoothing=0.1)['loss'], L1 + 0.1,
+                             rtol=1e-5)
+  # both images closest to text 0: i2t (log(1 + e^-1) + log(1 + e)) / 2, t2i log 2
+  out = s1.itc_loss(np.array([[1.0, 0.0], [1.0, 0.0]]), 1.0)
+  want = ((np.log1p(np.exp(-1)) + np.log1p(np.e)) / 2 + np.log(2)) / 2
+  np.testing.assert_allclose(out['loss'], want, rtol=1e-5)
+  assert out['i2t_accuracy'] == 0.5
+  # texts 0 and 1 are the same caption: both count for image 0 (targets 1/2, 1/2)
+  pos = np.array([[True, True], [True, True]])
+  np.testing.assert_allclose(s1.itc_loss(eye, 0.5, pos)['loss'], np.log1p(np.exp(-2)) + 1,
+                             rtol=1e-5)
+
+
+def test_itm_and_itg_loss_values():
+  out = s1.itm_loss(np.array([[0.0, 0.0], [2.0, 0.0]]), np.array([1, 0]))
+  np.testing.assert_allclose(out['loss'], (np.log(2) + L1) / 2, rtol=1e-5)
+  assert out['accuracy'] == 0.5
+  logits = np.zeros((1, 3, 2), np.float32)
+  logits[0, 0] = [0.0, 2.0]                              # predicts token 1 with CE L1
+  logits[0, 1] = [5.0, -5.0]                             # predicts a pad: excluded
+  ids, mask = np.array([[1, 1, 0]]), np.array([[1, 1, 0]])
+  out = s1.itg_loss(logits, ids, mask)
+  np.testing.assert_allclose(out['loss'], L1, rtol=1e-5)
+  assert out['tokens'] == 1 and out['accuracy'] == 1
+  # label smoothing 0.2 over 2 classes: targets (0.1, 0.9): 0.9 * L1 + 0.1 * (2 + L1)
+  np.testing.assert_allclose(s1.itg_loss(logits, ids, mask, 0.2)['loss'], L1 + 0.2, rtol=1e-5)
+
+
+def test_hard_negatives_follow_the_similarities():
+  # image i's most similar other text is (i + 1) % 3; the positives (diagonal) are higher still
+  sim = np.array([[9.0, 5.0, 0.0], [0.0, 9.0, 5.0], [5.0, 0.0, 9.0]], np.float32)
+  neg_image, neg_text = s1.sample_hard_negatives(jax.random.key(0), sim, 0.1)
+  np.testing.assert_array_equal(neg_text, [1, 2, 0])
+  np.testing.assert_array_equal(neg_image, [2, 0, 1])    # text j: image (j - 1) % 3
+  # equal similarities: the negatives are uniform over the others, never the positive
+  keys = jax.random.split(jax.random.key(1), 3000)
+  draw = jax.vmap(lambda k: s1.sample_hard_negatives(k, np.zeros((3, 3), np.float32), 1.0))
+  neg_image, neg_text = map(np.asarray, draw(keys))
+  for neg in (neg_image, neg_text):
+    assert (neg != np.arange(3)).all()
+    freq = (neg[:, 0, None] == np.arange(3)).mean(0)
+    np.testing.assert_allclose(freq, [0, 0.5, 0.5], atol=0.04)
+  # a softmax with temperature: p(text 1 | image 0) = e^1 / (e^1 + e^0) at temp 1
+  sim = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]], np.float32)
+  _, neg_text = map(np.asarray, jax.vmap(lambda k: s1.sample_hard_negatives(k, sim, 1.0))(keys))
+  np.testing.assert_allclose((neg_text[:, 0] == 1).mean(), np.e / (np.e + 1), atol=0.03)
+  # other positives (same caption) are never negatives
+  pos = np.eye(3, dtype=bool) | np.array([[0, 1, 0], [1, 0, 0], [0, 0, 0]], bool)
+  _, neg_text = map(np.asarray, jax.vmap(
+      lambda k: s1.sample_hard_negatives(k, np.zeros((3, 3), np.float32), 1.0, pos))(keys))
+  assert (neg_text[:, 0] == 2).all() and (neg_text[:, 1] == 2).all()
+  image, text, label = map(np.asarray, s1.itm_pairs(np.array([2, 0, 1]), np.array([1, 2, 0])))
+  np.testing.assert_array_equal(image, [0, 1, 2, 2, 0, 1, 0, 1, 2])
+  np.testing.assert_array_equal(text, [0, 1, 2, 0, 1, 2, 1, 2, 0])
+  np.testing.assert_array_equal(label, [1, 1, 1, 0, 0, 0, 0, 0, 0])
+  with pytest.raises(ValueError, match='at least 2'):
+    s1.sample_hard_negatives(jax.random.key(0), np.zeros((1, 1), np.float32), 1.0)
