@@ -54,7 +54,9 @@ def test_attention_modes(tiny):
   """Text-only, bidirectional and causal patterns, checked by what changes what."""
   model, params = tiny
   px, ids, mask = tiny_inputs()
-  run = lambda method, *a, p=params: np.asarray(model.apply({'params': p}, *a, method=method))
+  jitted = {m: jax.jit(lambda p, *a, m=m: model.apply({'params': p}, *a, method=m))
+            for m in ('features', 'text_embeds', 'image_embeds', 'itm_logits', 'itg_logits')}
+  run = lambda method, *a, p=params: np.asarray(jitted[method](p, *a))
   feats = run('features', px)
   other_feats = run('features', px[::-1].copy())
   later = ids.copy()
@@ -101,7 +103,7 @@ def test_itg_needs_a_decoder_bos_id(tiny):
   px, ids, mask = tiny_inputs()
   bad = QFormerPretrainer(Stage1Config(vision=CFG.vision, qformer=CFG.qformer, embed_dim=8))
   with pytest.raises(ValueError, match='config.model.decoder_bos_id=-1'):
-    bad.apply({'params': params}, px, ids, mask)
+    jax.eval_shape(lambda: bad.apply({'params': params}, px, ids, mask))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,3 +180,55 @@ def test_hard_negatives_follow_the_similarities():
   np.testing.assert_array_equal(label, [1, 1, 1, 0, 0, 0, 0, 0, 0])
   with pytest.raises(ValueError, match='at least 2'):
     s1.sample_hard_negatives(jax.random.key(0), np.zeros((1, 1), np.float32), 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Parity with transformers' Blip2ForImageTextRetrieval (ITC scores, ITM logits)
+# ----------------------------------------------------------------------------------------------
+def test_itc_and_itm_match_transformers(tmp_path):
+  import torch
+  import transformers
+  from mllm_jax.hf import blip2 as hf_blip2
+  from test_qformer import VISION, randomize
+  torch.manual_seed(0)
+  cfg = transformers.Blip2Config(
+      vision_config=VISION, num_query_tokens=3, image_text_hidden_size=8,
+      qformer_config=dict(vocab_size=40, hidden_size=32, num_hidden_layers=3,
+                          num_attention_heads=4, intermediate_size=48, max_position_embeddings=16,
+                          cross_attention_frequency=2, use_qformer_text_input=True))
+  hf = randomize(transformers.Blip2ForImageTextRetrieval(cfg))
+  hf.save_pretrained(tmp_path)
+  model, params = hf_blip2.load_stage1_hf(str(tmp_path), decoder_bos_id=39)
+  assert model.cfg.embed_dim == 8 and model.cfg.qformer.depth == 3
+  assert 'cross_attn' not in params['qformer']['layer_1']
+
+  rng = np.random.RandomState(0)
+  px = rng.randn(3, 3, 28, 28).astype(np.float32)
+  ids = np.array([[5, 9, 12, 30, 7, 6], [5, 21, 8, 6, 0, 0], [5, 33, 6, 0, 0, 0]], np.int64)
+  mask = (ids > 0).astype(np.int64)
+  with torch.no_grad():
+    t = lambda x: torch.tensor(x)
+    itc = hf(pixel_values=t(px), input_ids=t(ids), attention_mask=t(mask)).logits_per_image
+    itm = hf(pixel_values=t(px), input_ids=t(ids), attention_mask=t(mask),
+             use_image_text_matching_head=True).logits_per_image
+  itc, itm = itc.numpy(), itm.numpy()
+  assert itc.shape == (3, 3) and itm.shape == (3, 2)
+
+  @jax.jit
+  def ours(p, px, ids, mask):
+    run = lambda method, *a: model.apply({'params': p}, *a, method=method)
+    feats = run('features', px)
+    sim = s1.itc_similarity(run('image_embeds', feats), run('text_embeds', ids, mask))
+    return sim, run('itm_logits', feats, ids, mask)
+
+  def close(a, ref):
+    np.testing.assert_allclose(a, ref, rtol=0, atol=1e-4 * np.abs(ref).max())
+
+  sim, logits = ours(params, px, ids.astype(np.int32), mask.astype(np.int32))
+  close(sim, itc)
+  close(logits, itm)
+  # the text and the image reach both outputs: other inputs differ by far more than the tolerance
+  sim2, logits2 = ours(params, px[::-1].copy(), ids[[1, 2, 0]].astype(np.int32),
+                       mask[[1, 2, 0]].astype(np.int32))
+  assert np.abs(np.asarray(logits2) - itm).max() > 100 * 1e-4 * np.abs(itm).max()
+  assert np.abs(np.asarray(sim2) - itc).max() > 100 * 1e-4 * np.abs(itc).max()
