@@ -30,7 +30,7 @@ def get_config():
       decoder_bos_id=-1,     # -1: the tokenizer's bos_token ([DEC])
       dtype='float32', param_dtype='float32', attention='einsum'))
   c.data = ml_collections.ConfigDict(dict(
-      tokenizer='',          # a BERT tokenizer dir with a bos_token ([DEC]); '' builds DIR/tokenizer
+      tokenizer='',          # BERT tokenizer dir with a bos_token ([DEC]); '' builds DIR/tokenizer
       max_len=32, image_norm='clip'))
   c.train = ml_collections.ConfigDict(dict(
       steps=400, batch_size=32, trainable='(?!vision/).*',   # everything but the tower
