@@ -138,3 +138,27 @@ def test_stage1_checkpoint_starts_stage_2(tiny, tmp_path):
   assert np.abs(h).max() > 0.1
   with pytest.raises(ValueError, match=r'config.model.connector.qformer.num_queries=8'):
     s1.mllm_params_from_stage1((model1, p1), stage2_model(model1.cfg, num_queries=8)[0], p2)
+  patches = dataclasses.replace(model1.cfg, vision=dataclasses.replace(
+      model1.cfg.vision, feature_select='patch'))
+  with pytest.raises(ValueError, match=r"config.model.vision.feature_select: 'patch'"):
+    s1.mllm_params_from_stage1((model1, p1), stage2_model(patches)[0], p2)
+
+
+def test_bad_config_says_which_key(tmp_path):
+  config = load_config(os.path.join(ROOT, 'configs', 'demo_blip2_stage1.py'))
+  tok = s1.build_qformer_tokenizer(str(tmp_path / 'tok'))
+  assert tok.bos_token == '[DEC]' and tok('a red circle.')['input_ids'][0] == tok.cls_token_id
+  cfg = s1.model_config(config, tok)
+  assert cfg.decoder_bos_id == tok.bos_token_id and cfg.qformer.vocab_size >= len(tok)
+  config.model.qformer.vocab_size = 8
+  with pytest.raises(ValueError, match='config.model.qformer.vocab_size=8'):
+    s1.model_config(config, tok)
+  config.model.qformer.vocab_size = 0
+  config.data.max_len = 64
+  with pytest.raises(ValueError, match='config.data.max_len=64 > config.model.qformer'):
+    s1.model_config(config, tok)
+  config.data.max_len = 32
+  with config.unlocked():
+    config.model.qformer.n_heads = 1
+  with pytest.raises(ValueError, match=r"config.model.qformer: unknown key\(s\) \['n_heads'\]"):
+    s1.model_config(config, tok)

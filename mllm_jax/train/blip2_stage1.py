@@ -318,6 +318,11 @@ def mllm_params_from_stage1(stage1, mllm, params):
                        f'Q-Former has {getattr(theirs, k)!r}')
   pretrained.check_same_architecture(cfg.vision, model1.cfg.vision, 'config.model.vision',
                                      'the stage-1 checkpoint')
+  for k in ('feature_layers', 'feature_select'):   # the features the Q-Former learned to read
+    if getattr(cfg.vision, k) != getattr(model1.cfg.vision, k):
+      raise ValueError(f'config.model.vision.{k.replace("layers", "layer")}: '
+                       f'{getattr(cfg.vision, k)!r}, the stage-1 Q-Former read '
+                       f'{getattr(model1.cfg.vision, k)!r}')
   flat1 = flax.traverse_util.flatten_dict(p1, sep='/')
   flat = flax.traverse_util.flatten_dict(params, sep='/')
   for k, v in flat.items():
@@ -335,6 +340,26 @@ def mllm_params_from_stage1(stage1, mllm, params):
 # ----------------------------------------------------------------------------------------------
 # The job
 # ----------------------------------------------------------------------------------------------
+def model_config(config, tokenizer) -> Stage1Config:
+  """`config.model` as a Stage1Config, with the tokenizer's values filled in (vocab_size 0: its
+  size rounded up to a multiple of 8; decoder_bos_id -1: its bos_token) and checked against it
+  and `config.data.max_len`."""
+  m = config.model.to_dict()
+  q = m.setdefault('qformer', {})
+  if q.get('vocab_size', 0) == 0:
+    q['vocab_size'] = -(-len(tokenizer) // 8) * 8
+  if m.get('decoder_bos_id', -1) == -1:
+    m['decoder_bos_id'] = tokenizer.bos_token_id
+  cfg = Stage1Config.from_dict(m)
+  if cfg.qformer.vocab_size < len(tokenizer):
+    raise ValueError(f'config.model.qformer.vocab_size={cfg.qformer.vocab_size} < the '
+                     f'tokenizer\'s {len(tokenizer)} tokens (0 = the tokenizer\'s size)')
+  if config.data.max_len > cfg.qformer.max_position:
+    raise ValueError(f'config.data.max_len={config.data.max_len} > '
+                     f'config.model.qformer.max_position={cfg.qformer.max_position}')
+  return cfg
+
+
 def run(config, workdir: str) -> dict:
   """Train stage 1 as `config` says (configs/demo_blip2_stage1.py documents the keys); save
   WORKDIR/stage1; returns the final held-out retrieval metrics."""
@@ -343,12 +368,7 @@ def run(config, workdir: str) -> dict:
   tc, dc = config.train, config.data
   tok_dir = dc.tokenizer or os.path.join(workdir, 'tokenizer')
   tok = (load_qformer_tokenizer(tok_dir) if dc.tokenizer else build_qformer_tokenizer(tok_dir))
-  m = config.model.to_dict()
-  if m['qformer'].get('vocab_size', 0) == 0:
-    m['qformer']['vocab_size'] = -(-len(tok) // 8) * 8
-  if m.get('decoder_bos_id', -1) == -1:
-    m['decoder_bos_id'] = tok.bos_token_id
-  model = QFormerPretrainer(Stage1Config.from_dict(m))
+  model = QFormerPretrainer(model_config(config, tok))
   cfg = model.cfg
   if tc.batch_size < 2:
     raise ValueError(f'config.train.batch_size={tc.batch_size}: ITC / ITM need >= 2')
