@@ -4,6 +4,8 @@ configs/demo_blip2_stage1.py that learns held-out retrieval (slow)."""
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -81,22 +83,29 @@ def stage2_model(stage1_cfg, instruction=False, **qformer):
 
 
 @pytest.mark.slow
-def test_demo_learns_retrieval(tmp_path):
-  """configs/demo_blip2_stage1.py, shortened: held-out image -> text recall@1 of ITC rises far
-  above chance and the ITC loss falls; the run's stage-1 checkpoint starts stage 2."""
-  config = load_config(os.path.join(ROOT, 'configs', 'demo_blip2_stage1.py'), SHORT)
-  res = s1.run(config, str(tmp_path))
+def test_demo_learns_retrieval_through_the_cli(tmp_path):
+  """`python -m mllm_jax.train.blip2_stage1` with configs/demo_blip2_stage1.py, shortened:
+  held-out image -> text recall@1 of ITC rises far above chance and the ITC loss falls; the
+  run's stage-1 checkpoint starts stage 2."""
+  args = [f'--config.{k}={v}' for k, v in SHORT.items()]
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  r = subprocess.run([sys.executable, '-m', 'mllm_jax.train.blip2_stage1', '--config',
+                      os.path.join(ROOT, 'configs', 'demo_blip2_stage1.py'), '--workdir',
+                      str(tmp_path)] + args, capture_output=True, text=True, timeout=900, env=env,
+                     cwd=ROOT)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'Saved the stage-1 model' in r.stdout, r.stdout
   with open(tmp_path / 'metrics.jsonl') as f:
     rows = [json.loads(line) for line in f]
-  evals = [r for r in rows if 'eval/i2t_r1' in r]
-  train = [r for r in rows if 'itc_loss' in r]
-  assert [r['step'] for r in evals] == [0, 60]
-  assert res == {k: v for k, v in evals[-1].items() if k != 'step'}
+  evals = [row for row in rows if 'eval/i2t_r1' in row]
+  train = [row for row in rows if 'itc_loss' in row]
+  assert [row['step'] for row in evals] == [0, 60]
+  res = evals[-1]
   chance = res['eval/chance_r1']
   assert chance < 0.02 and evals[0]['eval/i2t_r1'] < 0.05
   assert res['eval/i2t_r1'] > 0.08 and res['eval/i2t_r1'] > 5 * chance, evals
   assert train[-1]['itc_loss'] < train[0]['itc_loss'] - 0.3, train
-  assert all(np.isfinite(r['loss']) for r in train)
+  assert all(np.isfinite(row['loss']) for row in train)
   model1, p1, tok_dir = s1.load_stage1(str(tmp_path))
   assert tok_dir == str(tmp_path / 'tokenizer') and model1.cfg.qformer.num_queries == 16
   assert s1.load_qformer_tokenizer(tok_dir).bos_token == '[DEC]'
