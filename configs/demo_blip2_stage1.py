@@ -33,8 +33,8 @@ def get_config():
       tokenizer='',          # BERT tokenizer dir with a bos_token ([DEC]); '' builds DIR/tokenizer
       max_len=32, image_norm='clip'))
   c.train = ml_collections.ConfigDict(dict(
-      steps=400, batch_size=32, trainable='(?!vision/).*',   # everything but the tower
-      log_every=20, eval_every=100, eval_examples=256))
+      steps=1500, batch_size=32, trainable='(?!vision/).*',   # everything but the tower
+      log_every=50, eval_every=250, eval_examples=256))
   c.loss = ml_collections.ConfigDict(dict(itc_weight=1.0, itm_weight=1.0, itg_weight=1.0,
                                           label_smoothing=0.1))
   c.optim = optim_config(lr=1e-3, warmup_ratio=0.05, weight_decay=0.05)
