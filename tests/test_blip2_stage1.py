@@ -202,6 +202,7 @@ def test_itc_and_itm_match_transformers(tmp_path):
   model, params = hf_blip2.load_stage1_hf(str(tmp_path), decoder_bos_id=39)
   assert model.cfg.embed_dim == 8 and model.cfg.qformer.depth == 3
   assert 'cross_attn' not in params['qformer']['layer_1']
+  assert params['temp'] == np.float32(0.07) and params['lm_head']['bias'].shape == (40,)
 
   rng = np.random.RandomState(0)
   px = rng.randn(3, 3, 28, 28).astype(np.float32)

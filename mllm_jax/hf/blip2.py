@@ -245,13 +245,22 @@ def load_stage1_hf(path: str, decoder_bos_id: int = -1, seed: int = 0):
   hf_cfg = transformers.Blip2Config.from_pretrained(path)
   cfg = stage1_from_hf(hf_cfg, f'{path}/config.json', decoder_bos_id)
   model = QFormerPretrainer(cfg)
-  n, s, t = 1, cfg.vision.image_size, 2
-  init = lambda r: flax.linen.meta.unbox(model.init(
-      r, np.zeros((n, s, s, 3), np.float32), np.zeros((n, t), np.int32))['params'])
-  params = flax.traverse_util.flatten_dict(jax.jit(init)(jax.random.key(seed)), sep='/')
+  s, q = cfg.vision.image_size, cfg.qformer
+  shapes = jax.eval_shape(lambda: flax.linen.meta.unbox(model.init(
+      jax.random.key(0), np.zeros((1, s, s, 3), np.float32), np.zeros((1, 2), np.int32))[
+          'params']))
+  # Only `temp` and `lm_head` are initialised (the rest is read): one small program
+  fresh = jax.jit(lambda r: flax.linen.meta.unbox(model.init(
+      r, np.zeros((1, 1, q.hidden), np.float32), np.zeros((q.vocab_size, q.hidden), np.float32),
+      method=lambda m, h, e: m.lm_head(h, e))['params']))(jax.random.key(seed))
+  params = flax.traverse_util.flatten_dict(fresh, sep='/')
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  flat = flax.traverse_util.flatten_dict(shapes, sep='/')
   rules = stage1_rules(cfg)
-  targets = {r.path: jax.ShapeDtypeStruct(params[r.path].shape, params[r.path].dtype,
-                                          sharding=params[r.path].sharding) for r in rules}
+  targets = {r.path: jax.ShapeDtypeStruct(flat[r.path].shape, flat[r.path].dtype, sharding=one)
+             for r in rules}
+  if set(targets) | set(params) != set(flat):   # a mapping bug, not a user error
+    raise RuntimeError(f'stage-1 rules miss {sorted(set(flat) - set(targets) - set(params))}')
   with Checkpoint(path, F._renamer([], F._BUFFERS)) as ckpt:
     params.update(api.load_params(ckpt, rules, targets, f'{arch} as its config.json describes'))
   return model, flax.traverse_util.unflatten_dict(params, sep='/')
