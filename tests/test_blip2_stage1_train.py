@@ -171,3 +171,32 @@ def test_bad_config_says_which_key(tmp_path):
     config.model.qformer.n_heads = 1
   with pytest.raises(ValueError, match=r"config.model.qformer: unknown key\(s\) \['n_heads'\]"):
     s1.model_config(config, tok)
+
+
+def test_training_job_starts_the_connector_from_stage_1(tiny, tmp_path):
+  """`config.model.connector.init_from=STAGE1` in the training job's start
+  (`hf.pretrained.init_params`): the tower and Q-Former are stage 1's, sharded as the rest."""
+  from mllm_jax import sharding as shd
+  from mllm_jax.hf import pretrained
+  from mllm_jax.models import MLLM
+  from mllm_jax.train import steps
+  model1, p1 = tiny
+  s1.save_stage1(str(tmp_path / 'stage1'), model1, p1)
+  mllm = stage2_model(model1.cfg, instruction=True)[0]
+  cfg = dataclasses.replace(mllm.cfg, connector=dataclasses.replace(
+      mllm.cfg.connector, init_from=str(tmp_path)))
+  mesh = shd.make_mesh({'fsdp': 2}, devices=jax.devices()[:2])
+  factory = steps.StateFactory(MLLM(cfg), mesh, shd.logical_rules('fsdp'))
+  params = pretrained.init_params(factory, jax.random.key(0))
+  flat1 = traverse_util.flatten_dict(p1, sep='/')
+  flat = traverse_util.flatten_dict(params, sep='/')
+  for k, v in flat.items():
+    assert v.sharding == traverse_util.flatten_dict(factory.param_shardings, sep='/')[k], k
+    if k.startswith('connector/') and 'language_projection' not in k:
+      np.testing.assert_array_equal(v, flat1['qformer/' + k[len('connector/'):]])
+    elif k.startswith('vision/'):
+      np.testing.assert_array_equal(v, flat1[k])
+  bad = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, hf_path='HF_DIR'))
+  with pytest.raises(ValueError, match='leave config.model.vision.hf_path empty'):
+    pretrained.init_params(steps.StateFactory(MLLM(bad), mesh, shd.logical_rules('fsdp')),
+                           jax.random.key(0))

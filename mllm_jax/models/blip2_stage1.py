@@ -17,7 +17,8 @@ same parameters. Parameter tree:
   temp                        [] ITC temperature (init 0.07; used clipped to [0.001, 0.5])
   lm_head/{dense, norm, bias} BERT LM prediction head; its decoder is the word embeddings
 `qformer/` has the names of the MLLM's Q-Former connector (`connector/`), so a stage-1 model
-starts stage 2 as it is (`train.blip2_stage1.connector_params`).
+starts stage 2 as it is (`config.model.connector.init_from`,
+`train.blip2_stage1.mllm_params_from_stage1`).
 """
 from __future__ import annotations
 

@@ -199,6 +199,9 @@ class ConnectorConfig:
   act: str = 'gelu'               # mlp only
   bias: bool = True               # mlp / linear only
   qformer: QFormerConfig = QFormerConfig()   # kind='qformer' only
+  # kind='qformer': a BLIP-2 stage-1 checkpoint (mllm_jax.train.blip2_stage1) that starts the
+  # Q-Former and the vision tower (stage 2); the LLM and language_projection start as usual
+  init_from: str = ''
 
   def __post_init__(self):
     if isinstance(self.qformer, dict):

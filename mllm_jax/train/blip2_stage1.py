@@ -13,7 +13,8 @@ Losses (LAVIS `Blip2Qformer.forward`; N = batch, Q = queries, E = embed_dim, L =
 loss = itc_weight * ITC + itm_weight * ITM + itg_weight * ITG. The vision tower is frozen by
 the stage's `trainable` regex (default: everything but `vision/`): it gets no gradient and no
 optimiser state, as in `train.steps`. The stage-1 checkpoint (WORKDIR/stage1: params + model
-JSON) starts stage 2 through `mllm_params_from_stage1` (docs/qformer.md, "Stage 1").
+JSON) starts stage 2: `--config.model.connector.init_from=WORKDIR` in the training job, which
+calls `mllm_params_from_stage1` (docs/qformer.md, "Stage 1").
 """
 from __future__ import annotations
 
