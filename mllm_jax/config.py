@@ -61,7 +61,8 @@ def base_config() -> CD:
                      # kind='qformer' (BLIP-2 / InstructBLIP; vocab_size 0: the tokenizer's)
                      qformer=dict(num_queries=32, hidden=768, depth=12, heads=12, mlp_dim=3072,
                                   norm_eps=1e-12, act='gelu', cross_attention_every=2,
-                                  instruction=False, vocab_size=0, max_position=512)),
+                                  instruction=False, vocab_size=0, max_position=512),
+                     init_from=''),   # qformer: BLIP-2 stage-1 checkpoint (Q-Former + tower)
       image_token_id=-1,                # -1: the tokenizer's '<image>' token
       # LLaVA-NeXT AnyRes tiling, 'HxW,HxW,...' (e.g. '336x672,672x336,672x672,1008x336,
       # 336x1008'); '' = one tile per image

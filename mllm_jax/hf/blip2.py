@@ -18,11 +18,16 @@ the hub (`language_model.model.*`, `language_model.lm_head.weight`, `vision_mode
 """
 from __future__ import annotations
 
+import json
+import os
+
+import numpy as np
 import transformers
 
 from mllm_jax.hf import families as F
 from mllm_jax.hf.families import Rule
-from mllm_jax.models.config import ConnectorConfig, MLLMConfig, QFormerConfig, VisionConfig
+from mllm_jax.models.config import (ConnectorConfig, MLLMConfig, QFormerConfig, Stage1Config,
+                                    VisionConfig)
 
 VISION_TYPES = ('blip_2_vision_model', 'instructblip_vision_model')
 
@@ -140,6 +145,12 @@ def qformer_rules(q: QFormerConfig, ours: str = 'connector/', hf: str = '') -> l
           *_norm('input_norm', 'qformer.embeddings.layernorm')]
   else:
     r += _norm('input_norm', 'qformer.layernorm')
+  return F._prefixed(r + _qformer_layer_rules(q, q.instruction), ours, hf)
+
+
+def _qformer_layer_rules(q: QFormerConfig, text: bool) -> list[Rule]:
+  """`layer_{i}/...` <-> `qformer.encoder.layer.{i}.*` (the text FFN iff `text`)."""
+  r = []
   for i in range(q.depth):
     o, h = f'layer_{i}/', f'qformer.encoder.layer.{i}.'
     blocks = [('self_attn', 'attention')]
@@ -151,13 +162,13 @@ def qformer_rules(q: QFormerConfig, ours: str = 'connector/', hf: str = '') -> l
       r += _linear(f'{o}{ours_b}/output', f'{h}{hf_b}.output.dense', n_in=2, bias='copy')
       r += _norm(f'{o}{ours_b}/norm', f'{h}{hf_b}.output.LayerNorm')
     ffns = [('query_ffn', 'intermediate_query', 'output_query')]
-    if q.instruction:
+    if text:
       ffns.append(('text_ffn', 'intermediate', 'output'))
     for ours_f, inter, out in ffns:
       r += _linear(f'{o}{ours_f}/intermediate', f'{h}{inter}.dense', bias='copy')
       r += _linear(f'{o}{ours_f}/output', f'{h}{out}.dense', bias='copy')
       r += _norm(f'{o}{ours_f}/norm', f'{h}{out}.LayerNorm')
-  return F._prefixed(r, ours, hf)
+  return r
 
 
 def mllm_rules(cfg: MLLMConfig) -> list[Rule]:
@@ -175,3 +186,82 @@ FAMILIES = {
     'Blip2ForConditionalGeneration': F.Family('mllm', mllm_from_hf, _rename),
     'InstructBlipForConditionalGeneration': F.Family('mllm', mllm_from_hf, _rename),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 1: Blip2ForImageTextRetrieval <-> QFormerPretrainer
+# ----------------------------------------------------------------------------------------------
+def stage1_from_hf(c, where: str = 'config.json', decoder_bos_id: int = -1) -> Stage1Config:
+  """Blip2Config of a `Blip2ForImageTextRetrieval` -> Stage1Config. transformers has no ITG
+  head, so `decoder_bos_id` (the [DEC] id of its tokenizer) comes from the caller."""
+  q = c.qformer_config
+  if not getattr(q, 'use_qformer_text_input', False):
+    raise ValueError(f'{where}: qformer_config.use_qformer_text_input=false: an image-text '
+                     'retrieval Q-Former needs its text FFNs (intermediate / output)')
+  vision = vision_from_hf(c.vision_config, f'{where}: vision_config')
+  if q.encoder_hidden_size != vision.width:
+    raise ValueError(f'{where}: qformer_config.encoder_hidden_size={q.encoder_hidden_size} != '
+                     f'vision_config.hidden_size={vision.width}')
+  qformer = QFormerConfig(
+      num_queries=int(c.num_query_tokens), hidden=q.hidden_size, depth=q.num_hidden_layers,
+      heads=q.num_attention_heads, mlp_dim=q.intermediate_size, norm_eps=float(q.layer_norm_eps),
+      act=F._act(q.hidden_act, f'{where}: qformer_config.hidden_act'),
+      cross_attention_every=int(q.cross_attention_frequency), vocab_size=q.vocab_size,
+      max_position=q.max_position_embeddings)
+  return Stage1Config(vision=vision, qformer=qformer, embed_dim=int(c.image_text_hidden_size),
+                      decoder_bos_id=decoder_bos_id)
+
+
+def stage1_rules(cfg: Stage1Config) -> list[Rule]:
+  """Every QFormerPretrainer parameter but `temp` and `lm_head` (not in transformers) <->
+  Blip2ForImageTextRetrieval keys: the Q-Former's text embeddings are top-level `embeddings.*`
+  there, and queries and text share `qformer.layernorm`."""
+  q = cfg.qformer
+  r = [Rule('query_tokens', 'query_tokens'),
+       Rule('word_embeddings/embedding', 'embeddings.word_embeddings.weight'),
+       Rule('position_embeddings/embedding', 'embeddings.position_embeddings.weight'),
+       *_norm('input_norm', 'qformer.layernorm'), *_qformer_layer_rules(q, True)]
+  return (vision_rules(cfg.vision, 'vision/', 'vision_model.') + F._prefixed(r, 'qformer/', '') +
+          _linear('vision_proj', 'vision_projection', bias='copy') +
+          _linear('text_proj', 'text_projection', bias='copy') +
+          _linear('itm_head', 'itm_head', bias='copy'))
+
+
+def load_stage1_hf(path: str, decoder_bos_id: int = -1, seed: int = 0):
+  """A local `Blip2ForImageTextRetrieval` directory -> (QFormerPretrainer, params), fp32.
+  `temp` starts at 0.07 and the ITG head (`lm_head`: not in transformers) at a fresh init
+  (seed); every other parameter is the checkpoint's (missing or extra tensors are an error)."""
+  import flax
+  import jax
+  from mllm_jax.hf import api
+  from mllm_jax.hf.safetensors_io import Checkpoint
+  from mllm_jax.models.blip2_stage1 import QFormerPretrainer
+  arch = 'Blip2ForImageTextRetrieval'
+  cfg_path = os.path.join(path, 'config.json')
+  with open(cfg_path) as f:
+    archs = json.load(f).get('architectures') or []
+  if arch not in archs:
+    raise ValueError(f'{cfg_path}: architectures={archs}; expected [{arch!r}]')
+  hf_cfg = transformers.Blip2Config.from_pretrained(path)
+  cfg = stage1_from_hf(hf_cfg, f'{path}/config.json', decoder_bos_id)
+  model = QFormerPretrainer(cfg)
+  s, q = cfg.vision.image_size, cfg.qformer
+  shapes = jax.eval_shape(lambda: flax.linen.meta.unbox(model.init(
+      jax.random.key(0), np.zeros((1, s, s, 3), np.float32), np.zeros((1, 2), np.int32))[
+          'params']))
+  # Only `temp` and `lm_head` are initialised (the rest is read): one small program
+  fresh = jax.jit(lambda r: flax.linen.meta.unbox(model.init(
+      r, np.zeros((1, 1, q.hidden), np.float32), np.zeros((q.vocab_size, q.hidden), np.float32),
+      method=lambda m, h, e: m.lm_head(h, e))['params']))(jax.random.key(seed))
+  params = flax.traverse_util.flatten_dict(fresh, sep='/')
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  flat = flax.traverse_util.flatten_dict(shapes, sep='/')
+  rules = stage1_rules(cfg)
+  targets = {r.path: jax.ShapeDtypeStruct(flat[r.path].shape, flat[r.path].dtype, sharding=one)
+             for r in rules}
+  if set(targets) | set(params) != set(flat):   # a mapping bug, not a user error
+    raise RuntimeError(f'stage-1 rules miss {sorted(set(flat) - set(targets) - set(params))}')
+  with Checkpoint(path, F._renamer([], F._BUFFERS)) as ckpt:
+    params.update(api.load_params(ckpt, rules, targets, f'{arch} as its config.json describes'))
+  return model, flax.traverse_util.unflatten_dict(params, sep='/')
+

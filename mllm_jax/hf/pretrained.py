@@ -9,7 +9,10 @@
   config.model.llm.hf_path     the decoder, from Llama / Mistral / Qwen2 / Qwen3 and MoE
                                (Mixtral, Qwen2-MoE, Qwen3-MoE) checkpoints; a larger
                                configured vocabulary (a tokenizer with added tokens such as
-                               `<image>`) starts its new rows at the mean embedding, as LLaVA does.
+                               `<image>`) starts its new rows at the mean embedding, as LLaVA does;
+  config.model.connector.init_from  a Q-Former connector and the vision tower, from a BLIP-2
+                               stage-1 run (`python -m mllm_jax.train.blip2_stage1`; BLIP-2's
+                               stage 2 starts from its stage 1).
 Whatever is not loaded (e.g. the connector) keeps its fresh random init. The configured
 architecture must equal the checkpoint's: a mismatch is an error listing the
 `--config.model.*` values that fit (`config_overrides` computes them).
@@ -31,7 +34,7 @@ from mllm_jax.hf.safetensors_io import Checkpoint, CheckpointError
 from mllm_jax.models import LLMConfig, MLLMConfig, VisionConfig
 
 MODEL_JSON = 'mllm_jax_model.json'   # next to `params/` in a convert checkpoint
-_NOT_ARCH = {'hf_path', 'max_position', 'feature_layer', 'feature_select',
+_NOT_ARCH = {'hf_path', 'init_from', 'max_position', 'feature_layer', 'feature_select',
              # how MoE layers run and train, not what the checkpoint holds
              'impl', 'dropless_impl', 'capacity_factor', 'aux_loss_coef', 'z_loss_coef'}
 _VOCAB_LEAVES = ('embed_tokens/embedding', 'lm_head/kernel')
@@ -326,11 +329,20 @@ def init_params(factory, rng):
   `init_from` / `vision.hf_path` / `llm.hf_path` name loaded over it (sharded like the rest)."""
   cfg: MLLMConfig = factory.model.cfg
   vision_path = cfg.vision.hf_path if cfg.vision is not None else ''
+  stage1 = cfg.connector.init_from
+  if stage1 and (cfg.vision is None or cfg.connector.kind != 'qformer'):
+    raise ValueError(f'config.model.connector.init_from={stage1!r} (a BLIP-2 stage-1 '
+                     f"checkpoint) needs config.model.connector.kind='qformer' and a vision tower")
   if cfg.init_from:
-    if vision_path or cfg.llm.hf_path:
+    if vision_path or cfg.llm.hf_path or stage1:
       raise ValueError('config.model.init_from loads every parameter; leave '
-                       'config.model.vision.hf_path and config.model.llm.hf_path empty')
+                       'config.model.vision.hf_path, config.model.llm.hf_path and '
+                       'config.model.connector.init_from empty')
     return _init_from(cfg, factory)
+  if stage1 and vision_path:
+    raise ValueError('config.model.connector.init_from (a BLIP-2 stage-1 checkpoint) also holds '
+                     'the vision tower the Q-Former was trained on; leave '
+                     'config.model.vision.hf_path empty')
   parts = [(path, part, _check_part(path, part, getattr(cfg, part)))   # fail before the init
            for path, part in ((vision_path, 'vision'), (cfg.llm.hf_path, 'llm')) if path]
   params = factory.init_params(rng)
@@ -340,6 +352,10 @@ def init_params(factory, rng):
     params[part] = _load_part(path, part, getattr(cfg, part), family, theirs, rows,
                               factory.abstract_params)
     print(f'Loaded config.model.{part} from {path}')
+  if stage1:   # BLIP-2 stage 2 starts from stage 1
+    from mllm_jax.train import blip2_stage1
+    params = blip2_stage1.mllm_params_from_stage1(stage1, factory.model, params)
+    print(f'Loaded the Q-Former and vision tower from config.model.connector.init_from={stage1}')
   return params
 
 

@@ -199,6 +199,9 @@ class ConnectorConfig:
   act: str = 'gelu'               # mlp only
   bias: bool = True               # mlp / linear only
   qformer: QFormerConfig = QFormerConfig()   # kind='qformer' only
+  # kind='qformer': a BLIP-2 stage-1 checkpoint (mllm_jax.train.blip2_stage1) that starts the
+  # Q-Former and the vision tower (stage 2); the LLM and language_projection start as usual
+  init_from: str = ''
 
   def __post_init__(self):
     if isinstance(self.qformer, dict):
@@ -258,6 +261,30 @@ class MLLMConfig:
         connector=_build(ConnectorConfig, d.pop('connector', {}), 'config.model.connector'))
     out.update(d)
     return _build(cls, out, 'config.model')
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage1Config:
+  """BLIP-2 stage 1 (representation learning, `mllm_jax.models.blip2_stage1`): a frozen ViT and
+  a Q-Former with text input, trained with ITC / ITM / ITG. The Q-Former's `vocab_size` is its
+  (BERT) tokenizer's, [DEC] included; `max_position` bounds the text length."""
+  vision: VisionConfig = VisionConfig(kind='blip2')
+  qformer: QFormerConfig = QFormerConfig()
+  embed_dim: int = 256            # ITC space of vision_proj / text_proj (HF image_text_hidden_size)
+  decoder_bos_id: int = -1        # ITG: id replacing the first text token ([DEC] in LAVIS)
+  dtype: str = 'float32'
+  param_dtype: str = 'float32'
+  attention: str = 'einsum'
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], where: str = 'config.model') -> 'Stage1Config':
+    d = dict(d)
+    vision = _build(VisionConfig, d.pop('vision', {}), f'{where}.vision')
+    qformer = _build(QFormerConfig, d.pop('qformer', {}), f'{where}.qformer')
+    return _build(cls, dict(d, vision=vision, qformer=qformer), where)
 
   def to_dict(self):
     return dataclasses.asdict(self)
