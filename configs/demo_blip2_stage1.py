@@ -7,8 +7,9 @@ A BLIP-2-style ViT (3 x 64 on 32 px, frozen as in BLIP-2; nothing here is pretra
 features are those of its random init) -> Q-Former 2 x 64 with 16 queries and cross-attention
 every layer (the sizes of configs/demo_qformer.py's connector, so the result starts its stage 2)
 with a BERT WordPiece tokenizer built over the task's words in DIR/tokenizer ([DEC] added as the
-ITG decoder BOS). The run logs held-out image -> text recall@1 of ITC over 256 held-out pairs
-and saves DIR/stage1 (params + stage1_model.json) at the end.
+ITG decoder BOS). The run logs held-out image -> text recall@1 of ITC over 256 held-out pairs,
+checkpoints every 250 steps (rerun the command to resume) and saves DIR/stage1 (params +
+stage1_model.json) at the end.
 """
 import ml_collections
 
@@ -34,7 +35,10 @@ def get_config():
       max_len=32, image_norm='clip'))
   c.train = ml_collections.ConfigDict(dict(
       steps=1500, batch_size=32, trainable='(?!vision/).*',   # everything but the tower
-      log_every=50, eval_every=250, eval_examples=256))
+      log_every=50, eval_every=250, eval_examples=256,
+      # train states in DIR/stage1_checkpoints (a rerun resumes); max_steps_per_run > 0: save
+      # and stop after that many steps; async: writes go on in the background
+      checkpoint_every=250, keep_checkpoints=2, max_steps_per_run=0, async_checkpoint=True))
   c.loss = ml_collections.ConfigDict(dict(itc_weight=1.0, itm_weight=1.0, itg_weight=1.0,
                                           label_smoothing=0.1))
   c.optim = optim_config(lr=1e-3, warmup_ratio=0.05, weight_decay=0.05)

@@ -113,6 +113,31 @@ def test_demo_learns_retrieval_through_the_cli(tmp_path):
   s1.mllm_params_from_stage1(str(tmp_path), mllm, p0)
 
 
+def test_cut_run_resumes_to_the_uninterrupted_run(tmp_path):
+  """`run` cut after 2 of 4 steps (`train.max_steps_per_run`: the save-and-stop path SIGTERM
+  takes too) resumes from its checkpoint on rerun: the same losses, held-out metrics and
+  stage-1 parameters as a run without the cut; a rerun after the end reports the saved model."""
+  over = {'model.vision.depth': 1, 'model.vision.width': 32, 'model.vision.mlp_dim': 64,
+          'model.qformer.hidden': 32, 'model.qformer.mlp_dim': 64, 'model.qformer.depth': 1,
+          'model.qformer.num_queries': 4, 'model.embed_dim': 16, 'train.steps': 4,
+          'train.batch_size': 8, 'train.log_every': 1, 'train.eval_every': 0,
+          'train.eval_examples': 16, 'train.checkpoint_every': 0}
+  config = load_config(os.path.join(ROOT, 'configs', 'demo_blip2_stage1.py'), over)
+  full = s1.run(config, str(tmp_path / 'full'))
+  config.train.max_steps_per_run = 2
+  assert s1.run(config, str(tmp_path / 'cut')) is None
+  assert sorted(os.listdir(tmp_path / 'cut' / 'stage1_checkpoints')) == ['2']
+  assert not (tmp_path / 'cut' / 'stage1').exists()
+  config.train.max_steps_per_run = 0
+  assert s1.run(config, str(tmp_path / 'cut')) == full
+  logs = {w: [json.loads(l) for l in open(tmp_path / w / 'metrics.jsonl')] for w in ('full', 'cut')}
+  losses = {w: [(r['step'], r['loss']) for r in rows if 'loss' in r] for w, rows in logs.items()}
+  assert [s for s, _ in losses['full']] == [1, 2, 3, 4] and losses['cut'] == losses['full']
+  jax.tree.map(np.testing.assert_array_equal, s1.load_stage1(str(tmp_path / 'cut'))[1],
+               s1.load_stage1(str(tmp_path / 'full'))[1])
+  assert s1.run(config, str(tmp_path / 'cut')) == full   # already trained: reported
+
+
 def test_stage1_checkpoint_starts_stage_2(tiny, tmp_path):
   """A saved stage-1 model's tower and Q-Former (+ text parts for InstructBLIP) become an
   MLLM's tower and Q-Former connector; the connector then computes the stage-1 Q-Former's

@@ -361,9 +361,18 @@ def model_config(config, tokenizer) -> Stage1Config:
   return cfg
 
 
-def run(config, workdir: str) -> dict:
+def run(config, workdir: str) -> dict | None:
   """Train stage 1 as `config` says (configs/demo_blip2_stage1.py documents the keys); save
-  WORKDIR/stage1; returns the final held-out retrieval metrics."""
+  WORKDIR/stage1; returns the final held-out retrieval metrics.
+
+  Resumable like the training job: train states go to WORKDIR/stage1_checkpoints every
+  `train.checkpoint_every` steps (batches and ITM negatives are functions of the step, so a
+  resumed run continues exactly); SIGTERM / SIGINT save the step and raise `loop.Interrupted`;
+  `train.max_steps_per_run` saves and returns None. A rerun after the end reports the saved
+  model's metrics."""
+  import signal
+  from mllm_jax.checkpoint import Checkpointer, RunPosition
+  from mllm_jax.train import loop
   from mllm_jax.train.metrics import MetricsWriter
   os.makedirs(workdir, exist_ok=True)
   tc, dc = config.train, config.data
@@ -391,8 +400,27 @@ def run(config, workdir: str) -> dict:
   n_train = sum(x.size for x in jax.tree.leaves(optim.split_params(params, mask)[0]))
   print(f'BLIP-2 stage 1: {n_params / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trainable '
         f'({tc.trainable}); {tc.steps} steps of {tc.batch_size} captions')
-  writer = MetricsWriter(workdir)
+  final = os.path.join(workdir, 'stage1')
+  if os.path.exists(os.path.join(final, STAGE1_JSON)):
+    _, saved, _ = load_stage1(final)
+    res = {k: float(v) for k, v in jax.device_get(jeval(saved, held_out)).items()}
+    print(f'Stage 1 already trained in {final}; held-out ' +
+          ', '.join(f'{k} {v:.3f}' for k, v in res.items()))
+    return res
+  ckpt = Checkpointer(os.path.join(workdir, 'stage1_checkpoints'),
+                      tc.get('keep_checkpoints', 2),
+                      async_save=tc.get('async_checkpoint', True))
+  pos = ckpt.latest()
+  start = 0
+  if pos is not None:
+    state = ckpt.restore_state(pos.global_step, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state))
+    start = pos.global_step
+    print(f'Resumed stage 1 from {ckpt.directory} at step {start}')
+  writer = MetricsWriter(workdir, resume_step=start if pos is not None else None)
   key = jax.random.key(config.seed + 1)
+  budget = tc.get('max_steps_per_run', 0) or None
+  every = tc.get('checkpoint_every', 0)
 
   def evaluate(step):
     res = {k: float(v) for k, v in jax.device_get(jeval(state.params, held_out)).items()}
@@ -402,24 +430,38 @@ def run(config, workdir: str) -> dict:
     return res
 
   try:
-    evaluate(0)
+    if start == 0:
+      evaluate(0)
     t0 = time.time()
-    for s in range(tc.steps):
-      state, metrics = jstep(state, train.batch(s * tc.batch_size, tc.batch_size),
-                             jax.random.fold_in(key, s))
-      if (s + 1) % tc.log_every == 0 or s + 1 == tc.steps:
-        mt = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        mt['steps_per_s'] = tc.log_every / max(time.time() - t0, 1e-9)
-        writer.write(s + 1, mt)
-        print(f"step {s + 1}: loss {mt['loss']:.4f} (itc {mt['itc_loss']:.4f}, itm "
-              f"{mt['itm_loss']:.4f}, itg {mt['itg_loss']:.4f}), temp {mt['temp']:.4f}",
-              flush=True)
-        t0 = time.time()
-      if tc.eval_every and (s + 1) % tc.eval_every == 0 and s + 1 < tc.steps:
-        evaluate(s + 1)
+    with loop.StopSignals() as stop:
+      for s in range(start, tc.steps):
+        state, metrics = jstep(state, train.batch(s * tc.batch_size, tc.batch_size),
+                               jax.random.fold_in(key, s))
+        done = s + 1
+        if done % tc.log_every == 0 or done == tc.steps:
+          mt = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          mt['steps_per_s'] = tc.log_every / max(time.time() - t0, 1e-9)
+          writer.write(done, mt)
+          print(f"step {done}: loss {mt['loss']:.4f} (itc {mt['itc_loss']:.4f}, itm "
+                f"{mt['itm_loss']:.4f}, itg {mt['itg_loss']:.4f}), temp {mt['temp']:.4f}",
+                flush=True)
+          t0 = time.time()
+        if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
+          evaluate(done)
+        interrupt = done < tc.steps and stop.requested()
+        out_of_budget = done < tc.steps and budget is not None and done - start >= budget
+        if done < tc.steps and (interrupt or out_of_budget or (every and done % every == 0)):
+          ckpt.save(RunPosition('stage1', 0, done, False, done), state)
+        if interrupt:
+          raise loop.Interrupted(stop.signum or signal.SIGTERM, done, ckpt.directory)
+        if out_of_budget:
+          print(f'Stopped after config.train.max_steps_per_run={budget} steps; rerun the same '
+                f'command to continue from {ckpt.directory}')
+          return None
     results = evaluate(tc.steps)
   finally:
     writer.close()
+    ckpt.close()
   save_stage1(os.path.join(workdir, 'stage1'), model, jax.device_get(state.params), tok_dir)
   print(f'Saved the stage-1 model in {os.path.join(workdir, "stage1")}')
   return results
