@@ -46,6 +46,22 @@ def vision_from_hf(c, where: str) -> VisionConfig:
       feature_layer=-1, feature_select='full', qkv_bias=bool(c.qkv_bias))
 
 
+def qformer_from_hf(c, where: str, instruction: bool = False):
+  """(VisionConfig, QFormerConfig) of a Blip2Config / InstructBlipConfig; the Q-Former must
+  read the tower's width."""
+  q = c.qformer_config
+  vision = vision_from_hf(c.vision_config, f'{where}: vision_config')
+  if q.encoder_hidden_size != vision.width:
+    raise ValueError(f'{where}: qformer_config.encoder_hidden_size={q.encoder_hidden_size} != '
+                     f'vision_config.hidden_size={vision.width}')
+  return vision, QFormerConfig(
+      num_queries=int(c.num_query_tokens), hidden=q.hidden_size, depth=q.num_hidden_layers,
+      heads=q.num_attention_heads, mlp_dim=q.intermediate_size, norm_eps=float(q.layer_norm_eps),
+      act=F._act(q.hidden_act, f'{where}: qformer_config.hidden_act'),
+      cross_attention_every=int(q.cross_attention_frequency), instruction=instruction,
+      vocab_size=q.vocab_size, max_position=q.max_position_embeddings)
+
+
 def mllm_from_hf(c, where: str = 'config.json') -> MLLMConfig:
   """Blip2Config / InstructBlipConfig -> MLLMConfig with a Q-Former connector."""
   t, q = c.text_config, c.qformer_config
@@ -62,16 +78,7 @@ def mllm_from_hf(c, where: str = 'config.json') -> MLLMConfig:
   if not instruction and getattr(q, 'use_qformer_text_input', False):
     raise ValueError(f'{where}: qformer_config.use_qformer_text_input=true is not supported '
                      '(BLIP-2 generation never feeds text to its Q-Former)')
-  vision = vision_from_hf(c.vision_config, f'{where}: vision_config')
-  if q.encoder_hidden_size != vision.width:
-    raise ValueError(f'{where}: qformer_config.encoder_hidden_size={q.encoder_hidden_size} != '
-                     f'vision_config.hidden_size={vision.width}')
-  qformer = QFormerConfig(
-      num_queries=int(c.num_query_tokens), hidden=q.hidden_size, depth=q.num_hidden_layers,
-      heads=q.num_attention_heads, mlp_dim=q.intermediate_size, norm_eps=float(q.layer_norm_eps),
-      act=F._act(q.hidden_act, f'{where}: qformer_config.hidden_act'),
-      cross_attention_every=int(q.cross_attention_frequency), instruction=instruction,
-      vocab_size=q.vocab_size, max_position=q.max_position_embeddings)
+  vision, qformer = qformer_from_hf(c, where, instruction)
   return MLLMConfig(
       llm=F.llm_from_hf(t, f'{where}: text_config'), vision=vision,
       connector=ConnectorConfig(kind='qformer', qformer=qformer),
@@ -198,16 +205,7 @@ def stage1_from_hf(c, where: str = 'config.json', decoder_bos_id: int = -1) -> S
   if not getattr(q, 'use_qformer_text_input', False):
     raise ValueError(f'{where}: qformer_config.use_qformer_text_input=false: an image-text '
                      'retrieval Q-Former needs its text FFNs (intermediate / output)')
-  vision = vision_from_hf(c.vision_config, f'{where}: vision_config')
-  if q.encoder_hidden_size != vision.width:
-    raise ValueError(f'{where}: qformer_config.encoder_hidden_size={q.encoder_hidden_size} != '
-                     f'vision_config.hidden_size={vision.width}')
-  qformer = QFormerConfig(
-      num_queries=int(c.num_query_tokens), hidden=q.hidden_size, depth=q.num_hidden_layers,
-      heads=q.num_attention_heads, mlp_dim=q.intermediate_size, norm_eps=float(q.layer_norm_eps),
-      act=F._act(q.hidden_act, f'{where}: qformer_config.hidden_act'),
-      cross_attention_every=int(q.cross_attention_frequency), vocab_size=q.vocab_size,
-      max_position=q.max_position_embeddings)
+  vision, qformer = qformer_from_hf(c, where)
   return Stage1Config(vision=vision, qformer=qformer, embed_dim=int(c.image_text_hidden_size),
                       decoder_bos_id=decoder_bos_id)
 

@@ -370,7 +370,6 @@ def run(config, workdir: str) -> dict | None:
   resumed run continues exactly); SIGTERM / SIGINT save the step and raise `loop.Interrupted`;
   `train.max_steps_per_run` saves and returns None. A rerun after the end reports the saved
   model's metrics."""
-  import signal
   from mllm_jax.checkpoint import Checkpointer, RunPosition
   from mllm_jax.train import loop
   from mllm_jax.train.metrics import MetricsWriter
@@ -448,15 +447,8 @@ def run(config, workdir: str) -> dict | None:
           t0 = time.time()
         if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps:
           evaluate(done)
-        interrupt = done < tc.steps and stop.requested()
-        out_of_budget = done < tc.steps and budget is not None and done - start >= budget
-        if done < tc.steps and (interrupt or out_of_budget or (every and done % every == 0)):
-          ckpt.save(RunPosition('stage1', 0, done, False, done), state)
-        if interrupt:
-          raise loop.Interrupted(stop.signum or signal.SIGTERM, done, ckpt.directory)
-        if out_of_budget:
-          print(f'Stopped after config.train.max_steps_per_run={budget} steps; rerun the same '
-                f'command to continue from {ckpt.directory}')
+        save = lambda: ckpt.save(RunPosition('stage1', 0, done, False, done), state)  # noqa: E731
+        if loop.checkpoint_or_stop(ckpt, stop, save, done, tc.steps, start, budget, every):
           return None
     results = evaluate(tc.steps)
   finally:

@@ -191,6 +191,27 @@ class Interrupted(Exception):
                      f'{step} in {directory}; rerun the same command to resume')
 
 
+def checkpoint_or_stop(ckpt, stop: 'StopSignals', save, done: int, total: int, start: int,
+                       budget: int | None, every: int) -> bool:
+  """After step `done` of `total` in an entry point's own loop (reward model, BLIP-2 stage 1;
+  `run_stage` does the same inline): `save()` every `every` steps, on SIGTERM / SIGINT (then
+  raise `Interrupted`) and when the run's `budget` of steps since `start` is spent (then
+  return True: the caller stops and a rerun resumes). Every process must call it every step
+  (the stop request is agreed collectively)."""
+  if done >= total:
+    return False
+  interrupt = stop.requested()
+  out_of_budget = budget is not None and done - start >= budget
+  if interrupt or out_of_budget or (every and done % every == 0):
+    save()
+  if interrupt:
+    raise Interrupted(stop.signum or signal.SIGTERM, done, ckpt.directory)
+  if out_of_budget:
+    print(f'Stopped after config.train.max_steps_per_run={budget} steps; rerun the same '
+          f'command to continue from {ckpt.directory}')
+  return out_of_budget
+
+
 class NonFiniteError(FloatingPointError):
   """Training stopped on non-finite losses or gradients (config.train.nonfinite)."""
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import time
 from typing import Callable
 
@@ -474,17 +473,10 @@ def train_reward(config, workdir: str) -> dict:
           if not np.isfinite(m['loss']):
             raise FloatingPointError(f'reward model: non-finite loss {m["loss"]} at step {done}')
         # SIGTERM / SIGINT or the per-run step budget: save, then stop (a rerun resumes here)
-        interrupt = done < sc.steps and stop.requested()
-        out_of_budget = done < sc.steps and budget is not None and done - start >= budget
-        if done < sc.steps and (interrupt or out_of_budget or (
-            config.train.checkpoint_every and done % config.train.checkpoint_every == 0)):
-          ckpt.save(RunPosition('reward', 0, done, False, done), state, config_json,
-                    data_state=consumed)
-        if interrupt:
-          raise loop.Interrupted(stop.signum or signal.SIGTERM, done, ckpt.directory)
-        if out_of_budget:
-          print(f'Stopped after config.train.max_steps_per_run={budget} steps; rerun the same '
-                f'command to continue from {ckpt.directory}')
+        save = lambda: ckpt.save(RunPosition('reward', 0, done, False, done),  # noqa: E731
+                                 state, config_json, data_state=consumed)
+        if loop.checkpoint_or_stop(ckpt, stop, save, done, sc.steps, start, budget,
+                                   config.train.checkpoint_every):
           return None
     res = evaluate(state.params)
     writer.write(sc.steps, res)
