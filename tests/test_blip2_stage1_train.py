@@ -113,6 +113,7 @@ def test_demo_learns_retrieval_through_the_cli(tmp_path):
   s1.mllm_params_from_stage1(str(tmp_path), mllm, p0)
 
 
+@pytest.mark.slow   # ~45 s: three runs; the default run tests checkpoint_or_stop via the reward job
 def test_cut_run_resumes_to_the_uninterrupted_run(tmp_path):
   """`run` cut after 2 of 4 steps (`train.max_steps_per_run`: the save-and-stop path SIGTERM
   takes too) resumes from its checkpoint on rerun: the same losses, held-out metrics and
