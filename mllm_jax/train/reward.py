@@ -401,7 +401,7 @@ def setup_from_policy(config, workdir: str, model_cls=None):
   return tokenizer, dataclasses.replace(mcfg, init_from=''), path
 
 
-def train_reward(config, workdir: str) -> dict:
+def train_reward(config, workdir: str) -> dict | None:
   """Train stage `config.reward` (a stage config; `center_rewards_coefficient`) from the SFT
   policy; checkpoints in WORKDIR/reward/checkpoints (resumable), the final model in
   WORKDIR/reward/model (params checkpoint, `load_reward`). Returns held-out metrics, or None
