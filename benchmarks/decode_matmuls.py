@@ -6,9 +6,10 @@
 One call = the bench model's (benchmarks/common.py) 8 decoder layers' q / k / v / o, gate / up /
 down projections and the lm_head, as fp32 matmuls of M rows (a decode step of batch M without
 attention, norms or the KV cache), each layer's weights distinct so every byte comes from
-memory (167 MB per call). Same weights and inputs in JAX (one jitted function) and torch
-(eager, same thread count), all calls of one framework then the other's (or alternating with
---alternate); printed: median ms per call and the weight
+memory (167 MB per call). Same weights and inputs in JAX (one jitted function, with XLA's dots
+and with the CPU decode kernel on weights packed beforehand: mllm_jax/kernels, what `generate`
+uses on CPU) and torch (eager, same thread count), all calls of one framework then the other's
+(or alternating with --alternate); printed: median ms per call and the weight
 bytes per second, next to a jitted 256 MiB reduction's read rate measured in the same run.
 This is the part of `benchmarks/generate.py`'s decode step that no implementation can skip.
 """
@@ -53,6 +54,15 @@ def main(argv=None):
 
   jfn = jax.jit(lambda x, ls, lm: chain(x, ls, lm, jax.nn.silu, lambda a, b: a @ b))
   jl, jlm = jax.device_put(layers), jax.device_put(lm_head)
+  from mllm_jax.kernels import cpu
+  pl, plm = jax.jit(lambda ls, lm: ([[cpu.pack(w) for w in ws] for ws in ls], cpu.pack(lm)))(
+      jl, jlm)
+  cols = [s[1] for s in shapes]
+
+  def kchain(x, ls, lm):   # each packed kernel with its true column count
+    return chain(x, [list(zip(ws, cols)) for ws in ls], (lm, v), jax.nn.silu,
+                 lambda a, b: cpu.packed_matmul(a, b[0], b[1]))
+  kfn = jax.jit(kchain)
   tl, tlm = [[torch.from_numpy(w) for w in ws] for ws in layers], torch.from_numpy(lm_head)
 
   def tfn(x):
@@ -74,9 +84,12 @@ def main(argv=None):
   for m in args.rows:
     x = rng.standard_normal((m, h)).astype(np.float32)
     jx, tx = jax.device_put(x), torch.from_numpy(x)
-    runs = {'jax': lambda: jfn(jx, jl, jlm).block_until_ready(), 'torch': lambda: tfn(tx)}
-    np.testing.assert_allclose(np.asarray(runs['jax']()), runs['torch']().numpy(), rtol=2e-3,
-                               atol=2e-3)
+    runs = {'jax': lambda: jfn(jx, jl, jlm).block_until_ready(),
+            'jax packed': lambda: kfn(jx, pl, plm).block_until_ready(),
+            'torch': lambda: tfn(tx)}
+    for name in ('jax packed', 'torch'):
+      np.testing.assert_allclose(np.asarray(runs[name]()), np.asarray(runs['jax']()), rtol=2e-3,
+                                 atol=2e-3)
     times = {name: [] for name in runs}
     order = ([list(runs)] * args.repeats if args.alternate else
              [[name] for name in runs for _ in range(args.repeats + 3)])
@@ -90,7 +103,8 @@ def main(argv=None):
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(f'M={m}: ' + '; '.join(
         f'{name} {s * 1e3:.2f} ms ({nbytes / s / 1e9:.1f} GB/s, fastest {min(times[name]) * 1e3:.2f})'
-        for name, s in med.items()) + f'; torch / jax {med["torch"] / med["jax"]:.2f}', flush=True)
+        for name, s in med.items()) + f'; torch / jax {med["torch"] / med["jax"]:.2f}, '
+        f'torch / jax packed {med["torch"] / med["jax packed"]:.2f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -51,6 +51,9 @@ def main(argv=None):
                  help='untimed calls at the start of each turn (1, N, 1, ... new tokens)')
   p.add_argument('--scan-too', action='store_true',
                  help="also time layer_loop='scan' (the TPU/GPU default) in the same run")
+  p.add_argument('--xla-too', action='store_true',
+                 help="also time decode_kernel='xla' (XLA's dots instead of the CPU decode "
+                      "kernel) in the same run")
   p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
                  help='parameters, activations and KV cache of both frameworks (default float32; '
                       'bfloat16 changes the numbers, so the tokens may differ)')
@@ -103,9 +106,9 @@ def main(argv=None):
     t_px = torch.from_numpy(np.ascontiguousarray(
         b['pixel_values'][:, 0].transpose(0, 3, 1, 2))).to(getattr(torch, args.dtype))
 
-    def ours(n, layer_loop='auto'):
+    def ours(n, **kw):
       return lambda: np.asarray(mllm_jax.generate(model, params, ids, mask, pixels,
-                                                  max_new_tokens=n, layer_loop=layer_loop))
+                                                  max_new_tokens=n, **kw))
 
     def theirs(n):
       def run():
@@ -120,7 +123,9 @@ def main(argv=None):
     row = {}
     runs = [('mllm_jax', ours), ('transformers', theirs)]
     if args.scan_too:
-      runs.append(('mllm_jax scan', lambda n: ours(n, 'scan')))
+      runs.append(('mllm_jax scan', lambda n: ours(n, layer_loop='scan')))
+    if args.xla_too:
+      runs.append(('mllm_jax xla dots', lambda n: ours(n, decode_kernel='xla')))
     # Paired, interleaved timings: each repeat times (1 new token, n new tokens) for every
     # framework in turn, after --settle untimed calls, and decode time = median over repeats of the
     # pair's difference, so a slow moment of the machine hits both frameworks and does not

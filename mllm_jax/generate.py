@@ -91,7 +91,7 @@ def diffusion_noise(pixel_values, rng, step: int, num_steps: int = 1000):
 # ----------------------------------------------------------------------------------------------
 def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image_kw, *,
               max_new_tokens, cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id,
-              vcd_alpha, vcd_beta, vcd_noise_step, layer_loop):
+              vcd_alpha, vcd_beta, vcd_noise_step, layer_loop, decode_kernel):
   """image_kw: the image inputs besides pixel_values (image_sizes, qformer_*), [B or N, ...]."""
   b, t = input_ids.shape
   variables = {'params': params}
@@ -104,8 +104,8 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
   rows = input_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
 
-  def last_logits(hidden):
-    return model.apply(variables, hidden[:, -1:], method='logits')[:, 0]          # [rows, V]
+  def last_logits(hidden):   # [rows, V]
+    return model.apply(head_variables, hidden[:, -1:], method='logits')[:, 0]
 
   cache = model.apply(variables, rows, cache_len, method='init_cache')
   hidden, cache = model.apply(variables, input_ids, pixel_values, attention_mask, positions,
@@ -135,10 +135,13 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
       hidden, cache = unrolled.step(feed[:, None], pos[:, None], cache)
     return i + 1, tokens, cache, done, rng, last_logits(hidden), pos + 1
 
-  unrolled = None
+  unrolled, head_variables = None, variables
   if layer_loop == 'unrolled':
     unrolled = UnrolledDecoder(model, params)
     cache = unrolled.split_cache(cache)
+    if decode_kernel == 'packed':
+      unrolled.pack(rows, cache)
+      head_variables = unrolled.head_variables(hidden[:, -1:])
   init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
           jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
   return jax.lax.while_loop(cond, body, init)[1]
@@ -160,6 +163,7 @@ class UnrolledDecoder:
     from mllm_jax.models.llm import DecoderBlock, layer_plan
     c = model.cfg
     self.model, self.params, self.cfg = model, params, c.llm
+    self.packed = None   # per layer, the `layers.PACKED` collection once `pack` ran
     # Per layer, in order: (block module, its weights), from every scanned stack of the plan
     # (a stack of groups holds `block_j` sub-trees; MoE layers are MoE blocks).
     self.layers = []
@@ -177,26 +181,57 @@ class UnrolledDecoder:
     return dict(k=list(cache['k']), v=list(cache['v']), filled=cache['filled'],
                 index=cache['index'])
 
-  def step(self, ids, positions, cache):
-    """ids, positions [B, T] -> (final-normed hidden states [B, T, E], cache)."""
+  def _inputs(self, ids, positions, cache):
+    """The blocks' inputs for new tokens ids, positions [B, T]: x, mask, cos, sin, token mask,
+    and the cache's new filled slots."""
     from mllm_jax.models import layers as L
-    c, variables = self.cfg, {'params': self.params}
-    t = ids.shape[1]
-    x = self.model.apply(variables, ids, method=lambda m, i: m.llm.embed(i))
-    index = cache['index']
-    filled = jax.lax.dynamic_update_slice(cache['filled'], jnp.ones(ids.shape, bool), (0, index))
-    mask = L.make_cache_mask(filled, index, t, c.sliding_window)
+    c = self.cfg
+    x = self.model.apply({'params': self.params}, ids, method=lambda m, i: m.llm.embed(i))
+    filled = jax.lax.dynamic_update_slice(cache['filled'], jnp.ones(ids.shape, bool),
+                                          (0, cache['index']))
+    mask = L.make_cache_mask(filled, cache['index'], ids.shape[1], c.sliding_window)
     cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(c.dim_per_head, c.rope_theta,
                                                          c.rope_scaling.as_dict()))
     token_mask = jnp.ones(ids.shape, jnp.int32) if c.moe.num_experts else None
-    ks, vs = [], []
+    return x, mask, cos, sin, token_mask, filled
+
+  def pack(self, rows: int, cache):
+    """Switch the step to the CPU decode kernels (mllm_jax/kernels): every dense kernel of
+    every layer is packed once, here, by a packing pass of each block (`layers.PACKED` mutable)
+    on a dummy decode step whose outputs are dropped (so XLA keeps only the packing); the pass
+    also marks each attention layer for the decode-attention kernel."""
+    from mllm_jax.models import layers as L
+    ids = jnp.zeros((rows, 1), jnp.int32)
+    x, mask, cos, sin, token_mask, _ = self._inputs(ids, ids, cache)
+    packed = []
     for (block, p), k, v in zip(self.layers, cache['k'], cache['v']):
-      x, (kv, _) = block.apply({'params': p}, x, mask, cos, sin, token_mask,
+      _, cols = block.apply({'params': p}, x, mask, cos, sin, token_mask,
+                            dict(k=k, v=v, index=cache['index']), mutable=[L.PACKED])
+      packed.append(cols[L.PACKED])
+    self.packed = packed
+
+  def head_variables(self, hidden):
+    """The variables for `model.apply(..., method='logits')` with the lm_head packed
+    (hidden [rows, 1, E], a sample input for the packing pass)."""
+    from mllm_jax.models import layers as L
+    variables = {'params': self.params}
+    _, cols = self.model.apply(variables, hidden, method='logits', mutable=[L.PACKED])
+    return dict(variables, **cols)
+
+  def step(self, ids, positions, cache):
+    """ids, positions [B, T] -> (final-normed hidden states [B, T, E], cache)."""
+    from mllm_jax.models import layers as L
+    x, mask, cos, sin, token_mask, filled = self._inputs(ids, positions, cache)
+    index = cache['index']
+    ks, vs = [], []
+    for i, ((block, p), k, v) in enumerate(zip(self.layers, cache['k'], cache['v'])):
+      variables = {'params': p} if self.packed is None else {'params': p, L.PACKED: self.packed[i]}
+      x, (kv, _) = block.apply(variables, x, mask, cos, sin, token_mask,
                                dict(k=k, v=v, index=index))
       ks.append(kv['k'])
       vs.append(kv['v'])
-    h = self.model.apply(variables, x, method=lambda m, x: m.llm.norm(x))
-    return h, dict(k=ks, v=vs, filled=filled, index=index + t)
+    h = self.model.apply({'params': self.params}, x, method=lambda m, x: m.llm.norm(x))
+    return h, dict(k=ks, v=vs, filled=filled, index=index + ids.shape[1])
 
 
 @functools.lru_cache(maxsize=32)
@@ -325,7 +360,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              top_p: float = 1.0, stop_tokens: Sequence[int] = (), pad_token_id: int = 0,
              seed: int = 0, cache_len: int | None = None, vcd_alpha: float = 0.0,
              vcd_beta: float = 0.1, vcd_noise_step: int = 500, qformer_input_ids=None,
-             qformer_attention_mask=None, image_sizes=None, layer_loop: str = 'auto'):
+             qformer_attention_mask=None, image_sizes=None, layer_loop: str = 'auto',
+             decode_kernel: str = 'auto'):
   """New token ids int32 [B, max_new_tokens] (pad_token_id after a stop token). See module doc.
 
   image_sizes: LLaVA-NeXT's original (height, width) per image, [N, 2] or [B, M, 2].
@@ -335,6 +371,14 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 
   Runs on whatever devices `params` live on: call it under `jax.set_mesh(mesh)` and
   `nn.logical_axis_rules(rules)` to keep activations sharded like training does.
+
+  layer_loop: 'scan' (decode over the stacked layers), 'unrolled' (per-layer weights and
+  caches, split once per call) or 'auto' (unrolled on CPU, scan elsewhere).
+  decode_kernel: the decode step's dense layers, lm_head and attention over the KV cache as
+  XLA ops ('xla') or as the CPU decode kernels, on weights packed once per call ('packed',
+  mllm_jax/kernels: fp32, unrolled layers, params on one CPU device); 'auto' picks 'packed'
+  where it applies and the kernels build. Logits differ from XLA's by float rounding only
+  (summation order).
   """
   input_ids = np.asarray(input_ids, np.int32)
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
@@ -344,6 +388,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
     layer_loop = 'unrolled' if jax.default_backend() == 'cpu' else 'scan'
   if layer_loop not in ('scan', 'unrolled'):
     raise ValueError(f"layer_loop={layer_loop!r}: expected 'auto', 'scan' or 'unrolled'")
+  decode_kernel = _decode_kernel(model, params, layer_loop, decode_kernel)
   _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len,
                 image_sizes)
   if vcd_alpha > 0 and pixel_values is None:
@@ -354,13 +399,43 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
                  temperature=float(temperature), top_k=int(top_k), top_p=float(top_p),
                  stop_tokens=tuple(int(s) for s in stop_tokens), pad_token_id=int(pad_token_id),
                  vcd_alpha=float(vcd_alpha), vcd_beta=float(vcd_beta),
-                 vcd_noise_step=int(vcd_noise_step), layer_loop=layer_loop)
+                 vcd_noise_step=int(vcd_noise_step), layer_loop=layer_loop,
+                 decode_kernel=decode_kernel)
   image_kw = {k: jnp.asarray(v, jnp.int32) for k, v in (
       ('qformer_input_ids', qformer_input_ids),
       ('qformer_attention_mask', qformer_attention_mask),
       ('image_sizes', None if pixel_values is None else image_sizes)) if v is not None}
   return fn(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
             jax.random.key(seed), image_kw)
+
+
+def _decode_kernel(model, params, layer_loop: str, choice: str) -> str:
+  """Resolve `decode_kernel` ('auto' | 'xla' | 'packed'), with the reason when 'packed' can't."""
+  if choice not in ('auto', 'xla', 'packed'):
+    raise ValueError(f"decode_kernel={choice!r}: expected 'auto', 'xla' or 'packed'")
+  if choice == 'xla':
+    return choice
+  c = model.cfg
+  devices = {d for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array)
+             for d in leaf.sharding.device_set}
+  reasons = [why for bad, why in (
+      (jax.default_backend() != 'cpu', f'the backend is {jax.default_backend()}, not cpu'),
+      (layer_loop != 'unrolled', f"layer_loop is {layer_loop!r}, not 'unrolled'"),
+      (jnp.dtype(c.compute_dtype) != jnp.float32 or jnp.dtype(c.weight_dtype) != jnp.float32,
+       f'compute/weight dtypes are {c.compute_dtype}/{c.weight_dtype}, not float32'),
+      (len(devices) > 1, f'params live on {len(devices)} devices'),
+      (jax.device_count() > 1 and jax.sharding.get_abstract_mesh().size > 1,
+       'a multi-device mesh is set')) if bad]
+  if choice == 'packed' and reasons:
+    raise ValueError("decode_kernel='packed' needs fp32 params on one CPU device and "
+                     f"layer_loop='unrolled': {'; '.join(reasons)}")
+  if reasons:
+    return 'xla'
+  from mllm_jax.kernels import cpu
+  if choice == 'packed':
+    cpu.build()   # raises with the compiler's message
+    return choice
+  return 'packed' if cpu.available() else 'xla'
 
 
 # ----------------------------------------------------------------------------------------------

@@ -63,8 +63,9 @@ def test_greedy_equals_transformers_generate_with_images_and_left_padding(llava)
 
 
 def test_scanned_and_unrolled_layer_loops_agree(llava):
-  """The CPU decode path (per-layer weights and caches) and the scanned one (TPU/GPU) must
-  give the same tokens, greedy and sampled."""
+  """The CPU decode path (per-layer weights and caches, with the CPU decode kernels where
+  they build: `decode_kernel='auto'`) and the scanned one (TPU/GPU, XLA's dots) must give the
+  same tokens, greedy and sampled."""
   _, model, params, inputs, _ = llava
   args = (model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
   for kw in (dict(), dict(temperature=1.0, top_k=20, seed=3)):

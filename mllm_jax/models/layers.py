@@ -65,6 +65,60 @@ def contract_trailing(x, kernel, n_in: int):
   return y.reshape(lead + out_shape)
 
 
+# generate's CPU decode kernel (mllm_jax/kernels/cpu.py): a variable collection holding each
+# dense kernel packed into column panels, filled by one packing pass per `generate` call.
+PACKED = 'decode_packed'
+
+
+def _packing_pass(module: nn.Module) -> bool:
+  # `init` makes every collection mutable; only generate's packing pass asks for PACKED
+  return module.is_mutable_collection(PACKED) and not module.is_initializing()
+
+
+def decode_packed(module: nn.Module, name: str, kernel_2d: Callable[[], jax.Array]):
+  """The packed panels of `module`'s [K, N] kernel for the CPU decode kernel, or None.
+
+  In generate's packing pass (`PACKED` mutable) the panels are made from `kernel_2d()` and
+  stored, and None is returned (the pass itself computes nothing that is kept); in its decode
+  step (`PACKED` given) they are returned; anywhere else there are none (XLA's dot).
+  """
+  if _packing_pass(module):
+    from mllm_jax.kernels import cpu
+    module.put_variable(PACKED, name, cpu.pack(kernel_2d()))
+    return None
+  return module.get_variable(PACKED, name) if module.has_variable(PACKED, name) else None
+
+
+def decode_kernel_on(module: nn.Module, name: str) -> bool:
+  """Whether `module` runs in generate's decode step with the CPU decode kernels (generate's
+  packing pass records `name` for it; only the step then passes it)."""
+  if _packing_pass(module):
+    module.put_variable(PACKED, name, jnp.ones((), bool))
+    return False
+  return module.has_variable(PACKED, name)
+
+
+def decode_attention(q, k, v, mask, dtype=jnp.float32):
+  """`dot_product_attention(q, k, v, mask, kv_heads_first=True)` with the CPU decode kernel:
+  q [B, T, H, D], k, v [B, Hkv, S, D], mask bool [B, 1, T, S] -> [B, T, H, D]."""
+  from mllm_jax.kernels import cpu
+  b, t, h, d = q.shape
+  hkv = k.shape[1]
+  qg = q.reshape(b, t, hkv, h // hkv, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, -1, d)
+  out = cpu.decode_attention(qg, k, v, mask[:, 0], d ** -0.5)      # [B, Hkv, G * T, D]
+  return out.reshape(b, hkv, h // hkv, t, d).transpose(0, 3, 1, 2, 4).reshape(
+      b, t, h, d).astype(dtype)
+
+
+def packed_matmul(x, packed, out_shape: tuple[int, ...], n_in: int):
+  """x [..., *in] . packed kernel -> [..., *out_shape] with the CPU decode kernel."""
+  from mllm_jax.kernels import cpu
+  lead = x.shape[:x.ndim - n_in]
+  y = cpu.packed_matmul(x.reshape((-1, math.prod(x.shape[x.ndim - n_in:]))), packed,
+                        math.prod(out_shape))
+  return y.reshape(lead + tuple(out_shape))
+
+
 class DenseGeneral(nn.Module):
   """Contract the trailing `in_axes` of x with a kernel [*in_shape, *features].
 
@@ -94,7 +148,11 @@ class DenseGeneral(nn.Module):
         lambda key, shape, dtype: nn.initializers.normal(fan_in ** -0.5)(key, shape, dtype))
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
                         in_shape + features, self.param_dtype)
-    y = contract_trailing(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), len(in_axes))
+    packed = decode_packed(self, 'kernel', lambda: jnp.reshape(kernel, (fan_in, -1)))
+    if packed is None:
+      y = contract_trailing(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), len(in_axes))
+    else:
+      y = packed_matmul(x, packed, features, len(in_axes)).astype(self.dtype)
     if self.use_bias:
       bias = self.param('bias', zeros_init(self.kernel_axes[-len(features):]), features,
                         self.param_dtype)

@@ -72,8 +72,11 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(kv['k'], k.transpose(0, 2, 1, 3).astype(kv['k'].dtype), at)
       v = jax.lax.dynamic_update_slice(kv['v'], v.transpose(0, 2, 1, 3).astype(kv['v'].dtype), at)
       kv = dict(k=k, v=v, index=kv['index'])
-    out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
-                                  causal_blocks=self.blocks, kv_heads_first=kv is not None)
+    if kv is not None and L.decode_kernel_on(self, 'decode_attention'):
+      out = L.decode_attention(q, k, v, mask, self.dtype)    # generate's CPU decode step
+    else:
+      out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
+                                    causal_blocks=self.blocks, kv_heads_first=kv is not None)
     return L.DenseGeneral(c.hidden, ('heads', 'head_dim', 'embed'), in_axes=(-2, -1),
                           name='o_proj', **kw)(out), kv
 
@@ -279,7 +282,9 @@ class Decoder(nn.Module):
   def logits(self, h):
     """[B, T, E] -> fp32 [B, T, vocab]."""
     if self.cfg.tie_embeddings:
-      out = self.embed_tokens.attend(h)
+      packed = L.decode_packed(self, 'tied_lm_head', lambda: self.embed_tokens.embedding.T)
+      out = (self.embed_tokens.attend(h) if packed is None else
+             L.packed_matmul(h, packed, (self.cfg.vocab_size,), 1))
     else:
       out = self.lm_head(h)
     return L.constrain(out.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
