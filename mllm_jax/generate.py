@@ -262,15 +262,9 @@ def anyres_tiles_needed(model, image_sizes) -> np.ndarray:
   """LLaVA-NeXT: tiles each image needs (base + its grid), int [...] for image_sizes [..., 2]."""
   from mllm_jax.data import images as image_lib
   c = model.cfg
-  tile = c.vision.image_size
   sizes = np.asarray(image_sizes).reshape(-1, 2)
-  need = []
-  for h, w in sizes:
-    if min(h, w) <= 0:
-      need.append(0)
-      continue
-    bh, bw = image_lib.select_best_resolution((int(h), int(w)), c.image_grid_pinpoints)
-    need.append(1 + (bh // tile) * (bw // tile))
+  need = [0 if min(hw) <= 0 else image_lib.anyres_num_tiles(
+      (int(hw[0]), int(hw[1])), c.image_grid_pinpoints, c.vision.image_size) for hw in sizes]
   return np.asarray(need, np.int64).reshape(np.shape(image_sizes)[:-1])
 
 

@@ -2,6 +2,7 @@
 float64 / layers.dot_product_attention, generate's decode step with them against the XLA
 step on several LLM variants, when `decode_kernel='auto'` picks them, and the fallback
 without a compiler."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -90,25 +91,28 @@ def test_decode_step_with_kernels_equals_xla(variant):
   tests/test_generate.py."""
   model, params = tiny_mllm(**VARIANTS[variant])
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
+  c = model.cfg.llm
   rng = np.random.default_rng(1)
-  ids = rng.integers(4, 96, (3, 10)).astype(np.int32)        # text only: the LLM is the subject
-  mask = np.ones_like(ids)
-  mask[2, :3] = 0                                               # left padding
+  # a cache as a prefill leaves it (random keys / values in 10 filled slots of 16, the last row
+  # left-padded by 3), and one new token per row at slot 10
+  cache = model.apply({'params': params}, 3, 16, method='init_cache')
+  cache['k'], cache['v'] = (jnp.asarray(rng.standard_normal(cache['k'].shape), jnp.float32)
+                            for _ in range(2))
+  filled = np.zeros((3, 16), bool)
+  filled[:, :10], filled[2, :3] = True, False
+  cache['filled'], cache['index'] = jnp.asarray(filled), jnp.int32(10)
+  new = jnp.asarray(rng.integers(4, 96, (3, 1)), jnp.int32)
+  pos = jnp.asarray([[10], [10], [7]], jnp.int32)
 
   def step(packed: bool):
-    """Prefill, then one decode step: (hidden states, logits) of the step."""
-    cache = model.apply({'params': params}, 3, 16, method='init_cache')
-    pos = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
-    _, cache = model.apply({'params': params}, ids, None, mask, pos, cache=cache,
-                           method='hidden_states')
+    """One decode step: (hidden states, logits)."""
     dec = gen.UnrolledDecoder(model, params)
-    cache = dec.split_cache(cache)
+    split = dec.split_cache(cache)
     variables = {'params': params}
-    new = jnp.asarray(ids[:, -1:])
     if packed:
-      dec.pack(3, cache)
-      variables = dec.head_variables(jnp.zeros((3, 1, model.cfg.llm.hidden)))
-    hidden, _ = dec.step(new, pos[:, -1:] + 1, cache)
+      dec.pack(3, split)
+      variables = dec.head_variables(jnp.zeros((3, 1, c.hidden)))
+    hidden, _ = dec.step(new, pos, split)
     return hidden, model.apply(variables, hidden, method='logits')
 
   (h_xla, l_xla), (h_pk, l_pk) = jax.jit(lambda: (step(False), step(True)))()
@@ -126,8 +130,8 @@ def test_decode_kernel_choice():
     gen._decode_kernel(model, params, 'scan', 'packed')
   with pytest.raises(ValueError, match='decode_kernel'):
     gen._decode_kernel(model, params, 'unrolled', 'fast')
-  bf16, bf16_params = tiny_mllm(dtype='bfloat16')
-  assert gen._decode_kernel(bf16, bf16_params, 'unrolled', 'auto') == 'xla'
+  bf16 = type(model)(dataclasses.replace(model.cfg, dtype='bfloat16'))   # reads the config only
+  assert gen._decode_kernel(bf16, params, 'unrolled', 'auto') == 'xla'
   # sharded over 8 devices: XLA's partitioned dots (the kernels see whole arrays only)
   mesh = shd.make_mesh({'fsdp': 2, 'tensor': 2, 'data': 2})
   factory = steps.StateFactory(model, mesh, shd.logical_rules('fsdp_tp'))

@@ -184,6 +184,9 @@ def test_select_best_resolution_and_tiles():
   assert I.select_best_resolution((30, 50), PINPOINTS) == (56, 56)
   tiles = I.anyres_tiles(np.full((30, 50, 3), 255, np.uint8), PINPOINTS, 28, (28, 28))
   assert len(tiles) == 5 and all(t.shape == (28, 28, 3) for t in tiles)
+  for h, w in [(30, 50), (60, 20), (28, 28), (100, 30)]:   # the count without making the tiles
+    made = I.anyres_tiles(np.zeros((h, w, 3), np.uint8), PINPOINTS, 28, (28, 28))
+    assert I.anyres_num_tiles((h, w), PINPOINTS, 28) == len(made)
   # (30, 50) fits (56, 56) as (34, 56): rows 11..44 are image, the rest black padding.
   assert I.fit_size((30, 50), (56, 56)) == (34, 56)
   assert (tiles[1][:11] == 0).all() and (tiles[1][11:] == 255).all()

@@ -330,6 +330,7 @@ def test_instructblip_reward_step_reads_the_instruction(setup):
   np.testing.assert_allclose(m['rewards/chosen'], rc.mean(), rtol=1e-5)
 
 
+@pytest.mark.slow   # an InstructBLIP end-to-end run (27 s): CI time; the step is tested above
 def test_instructblip_reward_entry_point_keeps_the_policys_instructions_and_pixels(setup,
                                                                                    tmp_path):
   """The reward trainer on an InstructBLIP policy (with a BERT Q-Former tokenizer of its own and

@@ -279,6 +279,13 @@ def anyres_tiles(image: np.ndarray, pinpoints: Sequence[Sequence[int]], tile: in
   return [resize(image, base_size, resample)] + tiles
 
 
+def anyres_num_tiles(image_size: tuple[int, int], pinpoints: Sequence[Sequence[int]],
+                     tile: int) -> int:
+  """Tiles of an AnyRes image of `image_size` (H, W): the base tile + the best pinpoint's grid."""
+  best_h, best_w = select_best_resolution(image_size, pinpoints)
+  return 1 + (best_h // tile) * (best_w // tile)
+
+
 def anyres_num_features(image_size: tuple[int, int], pinpoints: Sequence[Sequence[int]],
                         tile_size: tuple[int, int], patch_size: int) -> tuple[int, int, int]:
   """(unpadded grid features, newline features, base features) of an AnyRes image, as the
@@ -405,9 +412,7 @@ class ImageProcessor:
     `pad_to_square=True` for LLaVA-1.5 stage 2 with a CLIPImageProcessor config. A config key
     `image_aspect_ratio: 'pad'` (original LLaVA) also turns on `pad_to_square`.
     """
-    name = config.get('image_processor_type') or config.get('feature_extractor_type') or ''
-    name = name.replace('FeatureExtractor', 'ImageProcessor').removesuffix('Fast')
-    name = name.removesuffix('Pil')
+    name = hf_processor_class(config)
     kind = overrides.pop('kind', None) or HF_PROCESSOR_KINDS.get(name)
     if kind is None:
       raise ValueError(f'unsupported image processor type {name or None!r}; expected one of '
@@ -536,6 +541,14 @@ class ImageProcessor:
     h, w = self.tile_size
     n = (h // patch_size) * (w // patch_size) + num_additional_image_tokens
     return n - 1 if vision_feature_select_strategy == 'default' else n
+
+
+def hf_processor_class(config: Mapping[str, Any]) -> str:
+  """The transformers image processor class an HF processor config names, without the
+  Fast / Pil backend suffix (`image_processor_type`, or the older `feature_extractor_type`)."""
+  name = config.get('image_processor_type') or config.get('feature_extractor_type') or ''
+  return name.replace('FeatureExtractor', 'ImageProcessor').removesuffix('Fast').removesuffix(
+      'Pil')
 
 
 def hf_processor_config(hf: str) -> dict | None:

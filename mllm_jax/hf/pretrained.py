@@ -172,8 +172,9 @@ def saved_pad_to_square(path: str) -> bool | None:
     pp = images.hf_processor_config(path) or {}
     if 'image_aspect_ratio' in pp:
       return pp['image_aspect_ratio'] == 'pad'
-    kind = (pp.get('image_processor_type') or '').removesuffix('Fast').removesuffix('Pil')
-    return bool(pp.get('do_pad', False)) if kind == 'LlavaImageProcessor' else None
+    if images.hf_processor_class(pp) == 'LlavaImageProcessor':
+      return bool(pp.get('do_pad', False))
+    return None
   config = run_config(path)
   return None if config is None else bool(config.data.get('pad_to_square', False))
 
