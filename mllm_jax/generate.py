@@ -140,7 +140,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
     unrolled = UnrolledDecoder(model, params)
     cache = unrolled.split_cache(cache)
     if decode_kernel == 'packed':
-      unrolled.pack(rows, cache)
+      unrolled.pack(cache)
       head_variables = unrolled.head_variables(hidden[:, -1:])
   init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
           jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
@@ -195,13 +195,13 @@ class UnrolledDecoder:
     token_mask = jnp.ones(ids.shape, jnp.int32) if c.moe.num_experts else None
     return x, mask, cos, sin, token_mask, filled
 
-  def pack(self, rows: int, cache):
+  def pack(self, cache):
     """Switch the step to the CPU decode kernels (mllm_jax/kernels): every dense kernel of
     every layer is packed once, here, by a packing pass of each block (`layers.PACKED` mutable)
     on a dummy decode step whose outputs are dropped (so XLA keeps only the packing); the pass
     also marks each attention layer for the decode-attention kernel."""
     from mllm_jax.models import layers as L
-    ids = jnp.zeros((rows, 1), jnp.int32)
+    ids = jnp.zeros((cache['filled'].shape[0], 1), jnp.int32)
     x, mask, cos, sin, token_mask, _ = self._inputs(ids, ids, cache)
     packed = []
     for (block, p), k, v in zip(self.layers, cache['k'], cache['v']):

@@ -110,7 +110,7 @@ def test_decode_step_with_kernels_equals_xla(variant):
     split = dec.split_cache(cache)
     variables = {'params': params}
     if packed:
-      dec.pack(3, split)
+      dec.pack(split)
       variables = dec.head_variables(jnp.zeros((3, 1, c.hidden)))
     hidden, _ = dec.step(new, pos, split)
     return hidden, model.apply(variables, hidden, method='logits')
@@ -153,7 +153,7 @@ model, params = tiny_mllm()
 with warnings.catch_warnings(record=True) as caught:
   warnings.simplefilter('always')
   print('choice', gen._decode_kernel(model, params, 'unrolled', 'auto'))
-print('warning', [str(w.message) for w in caught])
+print('warning', ' | '.join(str(w.message) for w in caught))
 try:
   gen._decode_kernel(model, params, 'unrolled', 'packed')
 except cpu.KernelBuildError as e:
@@ -165,9 +165,10 @@ except cpu.KernelBuildError as e:
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
-  assert 'choice xla' in out.stdout
-  assert 'no C++ compiler found' in out.stdout.split('warning', 1)[1]
-  assert 'error no C++ compiler found' in out.stdout
+  lines = {line.split(' ', 1)[0]: line for line in out.stdout.splitlines()}
+  assert lines['choice'] == 'choice xla'
+  assert 'no C++ compiler found' in lines['warning']
+  assert lines['error'].startswith('error no C++ compiler found')
 
 
 def test_init_makes_no_packed_weights():
