@@ -51,7 +51,9 @@ def greedy_token(logits):
   """[B, V] -> [B] int32: the first index of the largest logit, as `argmax` gives it, found as
   a max then a min over the matching indices. Two plain reductions vectorise on XLA:CPU where
   argmax's (value, index) reduction does not: 0.4 vs 1.4 ms at [8, 32000], ~5% of a decode step
-  of the benchmark model. Rows with NaN logits give the last token id (argmax: the NaN's)."""
+  of the benchmark model. Rows with NaN logits: the last token id where the max propagates
+  the NaN; XLA:CPU's vectorised max skips NaNs at large V (32000), which then gives the largest
+  non-NaN logit's index (argmax, and the decode kernel's `cpu.greedy_token`: the NaN's)."""
   v = logits.shape[-1]
   best = jnp.max(logits, -1, keepdims=True)
   first = jnp.min(jnp.where(logits == best, jnp.arange(v, dtype=jnp.int32), v), -1)
@@ -115,6 +117,9 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
   def choose(logits, key):
     if vcd_alpha > 0:
       logits = vcd_logits(logits[:b], logits[b:], vcd_alpha, vcd_beta)
+    if temperature == 0.0 and decode_kernel == 'packed':
+      from mllm_jax.kernels import cpu
+      return cpu.greedy_token(logits)   # greedy_token's choice as one kernel
     return sample_token(logits, key, temperature, top_k, top_p)
 
   def cond(s):
@@ -369,10 +374,10 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
   layer_loop: 'scan' (decode over the stacked layers), 'unrolled' (per-layer weights and
   caches, split once per call) or 'auto' (unrolled on CPU, scan elsewhere).
   decode_kernel: the decode step's dense layers, lm_head and attention over the KV cache as
-  XLA ops ('xla') or as the CPU decode kernels, on weights packed once per call ('packed',
-  mllm_jax/kernels: fp32, unrolled layers, params on one CPU device); 'auto' picks 'packed'
-  where it applies and the kernels build. Logits differ from XLA's by float rounding only
-  (summation order).
+  XLA ops ('xla') or as the CPU decode kernels, on weights packed once per call in the
+  compute dtype ('packed', mllm_jax/kernels: fp32 or bf16 compute, unrolled layers, params on
+  one CPU device); 'auto' picks 'packed' where it applies and the kernels build. Logits differ
+  from XLA's by float rounding only (summation order).
   """
   input_ids = np.asarray(input_ids, np.int32)
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
@@ -415,14 +420,14 @@ def _decode_kernel(model, params, layer_loop: str, choice: str) -> str:
   reasons = [why for bad, why in (
       (jax.default_backend() != 'cpu', f'the backend is {jax.default_backend()}, not cpu'),
       (layer_loop != 'unrolled', f"layer_loop is {layer_loop!r}, not 'unrolled'"),
-      (jnp.dtype(c.compute_dtype) != jnp.float32 or jnp.dtype(c.weight_dtype) != jnp.float32,
-       f'compute/weight dtypes are {c.compute_dtype}/{c.weight_dtype}, not float32'),
+      (jnp.dtype(c.compute_dtype) not in (jnp.float32, jnp.bfloat16),
+       f'the compute dtype is {c.compute_dtype}, not float32 or bfloat16'),
       (len(devices) > 1, f'params live on {len(devices)} devices'),
       (jax.device_count() > 1 and jax.sharding.get_abstract_mesh().size > 1,
        'a multi-device mesh is set')) if bad]
   if choice == 'packed' and reasons:
-    raise ValueError("decode_kernel='packed' needs fp32 params on one CPU device and "
-                     f"layer_loop='unrolled': {'; '.join(reasons)}")
+    raise ValueError("decode_kernel='packed' needs fp32 or bf16 compute, params on one CPU "
+                     f"device and layer_loop='unrolled': {'; '.join(reasons)}")
   if reasons:
     return 'xla'
   from mllm_jax.kernels import cpu

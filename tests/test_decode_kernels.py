@@ -1,7 +1,7 @@
 """The CPU decode kernels (mllm_jax/kernels): packed matmul and decode attention against
-float64 / layers.dot_product_attention, generate's decode step with them against the XLA
-step on several LLM variants, when `decode_kernel='auto'` picks them, and the fallback
-without a compiler."""
+float64 / layers.dot_product_attention (fp32) and XLA's bf16 ops (bf16), generate's decode
+step with them against the XLA step on several LLM variants in both dtypes, when
+`decode_kernel='auto'` picks them, and the fallback without a compiler."""
 import dataclasses
 import os
 import subprocess
@@ -37,6 +37,38 @@ def test_packed_matmul_matches_float64(m, k, n):
   np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=0, atol=2e-6 * k)
 
 
+def bf16_ulp(x):
+  """The spacing of bf16 numbers at |x| (8 significant bits)."""
+  x = np.abs(np.asarray(x, np.float32))
+  return np.exp2(np.floor(np.log2(np.maximum(x, 2.0 ** -126))) - 7)
+
+
+def assert_bf16_rounding_apart(ours, xla):
+  """bf16 results of the same sums in another order: equal, or one rounding step apart where
+  the fp32 sums straddle a rounding boundary (rare)."""
+  assert ours.dtype == xla.dtype == jnp.bfloat16
+  ours, xla = np.asarray(ours, np.float32), np.asarray(xla, np.float32)
+  assert np.all(np.abs(ours - xla) <= bf16_ulp(xla)), np.abs(ours - xla).max()
+  assert np.mean(ours != xla) < 0.01
+
+
+@pytest.mark.parametrize('m,k,n', [(1, 64, 100), (8, 512, 1376), (9, 41, 70), (3, 127, 31)])
+def test_packed_matmul_bf16_matches_xla(m, k, n):
+  """bf16 x and weights, fp32 sums, bf16 result: XLA:CPU's bf16 dot up to summation order."""
+  rng = np.random.default_rng(m * 1000 + n)
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+  packed = jax.jit(cpu.pack)(w)
+  assert packed.dtype == jnp.bfloat16
+  # panel p, row pair i: (W[2i, c], W[2i + 1, c]) side by side for its 32 columns c
+  want = np.zeros((-(-k // 2) * 2, packed.shape[0] * 32), np.float32)
+  want[:k, :n] = np.asarray(w, np.float32)
+  want = want.reshape(-1, 2, packed.shape[0], 32).transpose(2, 0, 3, 1).reshape(packed.shape)
+  np.testing.assert_array_equal(np.asarray(packed, np.float32), want)
+  y = jax.jit(cpu.packed_matmul, static_argnums=2)(x, packed, n)
+  assert_bf16_rounding_apart(y, jax.jit(jnp.dot)(x, w))
+
+
 def test_concurrent_packed_matmuls_are_all_right():
   """Independent calls in one program run concurrently on XLA's threads and share them
   (decode_kernels.cc): each result must still be its own product."""
@@ -54,25 +86,54 @@ def test_packed_matmul_shape_errors():
     cpu.packed_matmul(x, cpu.pack(jnp.ones((16, 40))), 70)     # 2 panels hold at most 64 columns
   with pytest.raises(ValueError, match='packed_matmul'):
     cpu.packed_matmul(x, cpu.pack(jnp.ones((12, 40))), 40)     # K differs
+  with pytest.raises(ValueError, match='float32 or bfloat16'):
+    cpu.pack(jnp.ones((16, 40), jnp.float16))
 
 
-@pytest.mark.parametrize('t,d,window', [(1, 16, 0), (3, 12, 0), (1, 16, 5)])
-def test_decode_attention_matches_dot_product_attention(t, d, window):
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize('t,d,window', [(1, 16, 0), (3, 12, 0), (1, 16, 5), (1, 64, 0), (3, 32, 5)])
+def test_decode_attention_matches_dot_product_attention(t, d, window, dtype):
   """GQA (4 query heads on 2 K/V heads), left-padded rows, 1 or 3 new tokens, a head dim that
-  is / is not a multiple of 16, a sliding window, and a row with no visible slot at all."""
+  is / is not a multiple of 16 (fp32) or 32 (bf16), a sliding window, and a row with no
+  visible slot at all; in
+  fp32, and in bf16 (fp32 scores and softmax, probabilities rounded to bf16)."""
   b, h, hkv, s = 3, 4, 2, 24
   rng = np.random.default_rng(t * 10 + d)
-  q = jnp.asarray(rng.standard_normal((b, t, h, d)), jnp.float32)
-  k, v = (jnp.asarray(rng.standard_normal((b, hkv, s, d)), jnp.float32) for _ in range(2))
+  q = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((b, hkv, s, d)), dtype) for _ in range(2))
   filled = np.zeros((b, s), bool)
   filled[0, :12], filled[1, 4:12], filled[2, 9:12] = True, True, True    # left padding
   index = 12 - t                                  # the new tokens sit at slots [index, 12)
   mask = np.array(L.make_cache_mask(jnp.asarray(filled), index, t, window))
   mask[2, :, 0, :] = False                        # a query that sees nothing
   mask = jnp.asarray(mask)
-  ours = jax.jit(L.decode_attention)(q, k, v, mask)
-  want = jax.jit(lambda *a: L.dot_product_attention(*a, kv_heads_first=True))(q, k, v, mask)
-  np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=0, atol=1e-5)
+  ours = jax.jit(L.decode_attention, static_argnums=4)(q, k, v, mask, dtype)
+  want = jax.jit(lambda *a: L.dot_product_attention(*a, kv_heads_first=True, dtype=dtype))(
+      q, k, v, mask)
+  if dtype == 'float32':
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), rtol=0, atol=1e-5)
+  else:
+    assert_bf16_rounding_apart(ours, want)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_cache_write_is_dynamic_update_slice(dtype):
+  """New slots written at the index (clamped so they fit, as dynamic_update_slice does), in a
+  loop that carries the cache (its buffer is updated in place)."""
+  rng = np.random.default_rng(0)
+  cache = jnp.asarray(rng.standard_normal((2, 3, 10, 16)), dtype)
+  for t, index in ((1, 4), (3, 2), (3, 9)):
+    new = jnp.asarray(rng.standard_normal((2, 3, t, 16)), jnp.float32)
+    ours = jax.jit(cpu.cache_write)(cache, new, index)
+    want = jax.lax.dynamic_update_slice(cache, new.astype(dtype), (0, 0, index, 0))
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(want, np.float32))
+
+  def loop(cache):
+    def body(i, c):
+      return cpu.cache_write(c, jnp.full((2, 3, 1, 16), i + 1.0), i)
+    return jax.lax.fori_loop(0, 10, body, cache)
+  out = np.asarray(jax.jit(loop)(cache), np.float32)
+  np.testing.assert_array_equal(out, np.broadcast_to(np.arange(1.0, 11.0)[:, None], out.shape))
 
 
 VARIANTS = {   # the tiny model has GQA (4 query heads on 2 K/V heads) in both
@@ -82,21 +143,28 @@ VARIANTS = {   # the tiny model has GQA (4 query heads on 2 K/V heads) in both
 }
 
 
+@pytest.mark.parametrize('dtypes', ['float32', 'bfloat16', 'bfloat16/bfloat16'])
 @pytest.mark.parametrize('variant', sorted(VARIANTS))
-def test_decode_step_with_kernels_equals_xla(variant):
+def test_decode_step_with_kernels_equals_xla(variant, dtypes):
   """The decode step's hidden states and logits with the kernels equal XLA's dots and
   attention, for the LLM variants whose layers the kernels touch (biases, tied lm_head, q/k
-  norms, a sliding window, MoE layers' routers). Whole `generate` runs with the kernels are
+  norms, a sliding window, MoE layers' routers), in fp32, in bf16 compute on fp32 weights
+  (packed in bf16) and in bf16 on bf16 weights. Whole `generate` runs with the kernels are
   checked token for token against transformers and against the scanned XLA loop in
   tests/test_generate.py."""
+  compute, _, weights = dtypes.partition('/')
   model, params = tiny_mllm(**VARIANTS[variant])
+  model = type(model)(dataclasses.replace(model.cfg, dtype=compute,
+                                          param_dtype=weights or 'float32'))
+  params = jax.tree.map(lambda x: x.astype(model.cfg.weight_dtype), params)
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
   c = model.cfg.llm
   rng = np.random.default_rng(1)
   # a cache as a prefill leaves it (random keys / values in 10 filled slots of 16, the last row
   # left-padded by 3), and one new token per row at slot 10
   cache = model.apply({'params': params}, 3, 16, method='init_cache')
-  cache['k'], cache['v'] = (jnp.asarray(rng.standard_normal(cache['k'].shape), jnp.float32)
+  assert cache['k'].dtype == jnp.dtype(compute)
+  cache['k'], cache['v'] = (jnp.asarray(rng.standard_normal(cache['k'].shape), compute)
                             for _ in range(2))
   filled = np.zeros((3, 16), bool)
   filled[:, :10], filled[2, :3] = True, False
@@ -111,13 +179,23 @@ def test_decode_step_with_kernels_equals_xla(variant):
     variables = {'params': params}
     if packed:
       dec.pack(split)
-      variables = dec.head_variables(jnp.zeros((3, 1, c.hidden)))
+      variables = dec.head_variables(jnp.zeros((3, 1, c.hidden), compute))
     hidden, _ = dec.step(new, pos, split)
     return hidden, model.apply(variables, hidden, method='logits')
 
-  (h_xla, l_xla), (h_pk, l_pk) = jax.jit(lambda: (step(False), step(True)))()
-  np.testing.assert_allclose(np.asarray(h_pk), np.asarray(h_xla), rtol=0, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(l_pk), np.asarray(l_xla), rtol=0, atol=1e-5)
+  both = jax.jit(lambda: (step(False), step(True)))
+  hlo = both.lower().as_text()
+  for target in ('packed_matmul', 'decode_attention', 'cache_write'):
+    assert f'mllm_jax_{target}' in hlo
+  (h_xla, l_xla), (h_pk, l_pk) = both()
+  assert h_pk.dtype == h_xla.dtype == jnp.dtype(compute)
+  if compute == 'float32':
+    np.testing.assert_allclose(np.asarray(h_pk), np.asarray(h_xla), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(l_pk), np.asarray(l_xla), rtol=0, atol=1e-5)
+  else:   # a rounding step apart at most, at the largest magnitude (it propagates through layers)
+    for ours, xla in ((h_pk, h_xla), (l_pk, l_xla)):
+      ours, xla = np.asarray(ours, np.float32), np.asarray(xla, np.float32)
+      np.testing.assert_allclose(ours, xla, rtol=0, atol=float(bf16_ulp(np.abs(xla).max())))
   assert float(jnp.abs(l_xla).max()) > 0.1                     # not a trivially small output
 
 
@@ -131,7 +209,11 @@ def test_decode_kernel_choice():
   with pytest.raises(ValueError, match='decode_kernel'):
     gen._decode_kernel(model, params, 'unrolled', 'fast')
   bf16 = type(model)(dataclasses.replace(model.cfg, dtype='bfloat16'))   # reads the config only
-  assert gen._decode_kernel(bf16, params, 'unrolled', 'auto') == 'xla'
+  assert gen._decode_kernel(bf16, params, 'unrolled', 'auto') == 'packed'
+  fp16 = type(model)(dataclasses.replace(model.cfg, dtype='float16'))
+  assert gen._decode_kernel(fp16, params, 'unrolled', 'auto') == 'xla'
+  with pytest.raises(ValueError, match='compute dtype is float16'):
+    gen._decode_kernel(fp16, params, 'unrolled', 'packed')
   # sharded over 8 devices: XLA's partitioned dots (the kernels see whole arrays only)
   mesh = shd.make_mesh({'fsdp': 2, 'tensor': 2, 'data': 2})
   factory = steps.StateFactory(model, mesh, shd.logical_rules('fsdp_tp'))
@@ -176,3 +258,22 @@ def test_init_makes_no_packed_weights():
   model, _ = tiny_mllm()
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   assert set(variables) == {'params'}
+
+
+def test_greedy_token_kernel_matches_argmax():
+  """First index of the largest logit, as argmax: ties, -inf rows, a NaN row (argmax: the
+  NaN's index), rows shorter than one 16-lane block and with a tail past the last block; and
+  generate.greedy_token's choice on the rows without a NaN."""
+  rng = np.random.default_rng(0)
+  for v in (5, 16, 37, 32000):
+    logits = rng.standard_normal((6, v)).astype(np.float32)
+    logits[1, [v // 3, v // 2, v - 1]] = 9.0               # a tie: the first one wins
+    logits[2, :] = -np.inf
+    logits[3, [v // 2, v - 1]] = np.nan
+    logits[4, -1] = 50.0                                   # the max in the tail
+    logits[5, :] = 2.0                                     # all equal
+    ours = np.asarray(jax.jit(cpu.greedy_token)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(ours, np.argmax(logits, -1))
+    np.testing.assert_array_equal(ours[[1, 3, 4, 5]], [v // 3, v // 2, v - 1, 0])
+    want = np.asarray(jax.jit(gen.greedy_token)(jnp.asarray(logits)))
+    np.testing.assert_array_equal(np.delete(ours, 3), np.delete(want, 3))

@@ -76,6 +76,20 @@ def test_scanned_and_unrolled_layer_loops_agree(llava):
     gen.generate(*args, max_new_tokens=2, layer_loop='loop')
 
 
+def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava):
+  """bf16 on CPU: the unrolled loop with the decode kernels (bf16 panels and attention, the
+  in-place cache write carried through the loop, the greedy kernel) gives the tokens of the
+  scanned loop on XLA's ops, with left padding and images."""
+  _, _, _, inputs, path = llava
+  model, params = mllm_jax.load_hf(str(path), dtype=jnp.bfloat16)
+  assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
+  args = (model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
+  scan = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='scan'))
+  kernels = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='unrolled'))
+  np.testing.assert_array_equal(kernels, scan)
+  assert len(np.unique(scan)) > 3                    # not one token repeated
+
+
 def test_stop_tokens_pad_the_rest(llava):
   _, model, params, inputs, _ = llava
   free = np.asarray(gen.generate(model, params, inputs['input_ids'], inputs['attention_mask'],

@@ -2,7 +2,10 @@
 
 `packed_matmul(x, packed, n)` is `x @ kernel` for the few rows of a decode step, with the
 kernel packed once per `generate` call by `pack`; `decode_attention(q, k, v, mask, scale)` is
-the step's attention over the KV cache (decode_kernels.cc says why and how). The shared library is compiled with the machine's C++ compiler (`$CXX`, else `c++` / `g++`) for
+the step's attention over the KV cache (decode_kernels.cc says why and how). Each runs in fp32
+or in bf16 (bf16 data, fp32 sums, as XLA:CPU computes bf16 dots).
+
+The shared library is compiled with the machine's C++ compiler (`$CXX`, else `c++` / `g++`) for
 this CPU (`-march=native`) against the FFI headers jaxlib ships, and cached under
 `$MLLM_JAX_CACHE` (default `~/.cache/mllm_jax`) by a hash of the source, compiler, flags and
 jaxlib version. Without a compiler, `available()` is False and callers keep XLA's dot;
@@ -25,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 PANEL = 32   # columns per packed panel (kPanel in decode_kernels.cc)
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))   # the kernels' element types
 _SOURCE = Path(__file__).with_name('decode_kernels.cc')
 _TARGETS = {'mllm_jax_pack': 'Pack', 'mllm_jax_packed_matmul': 'PackedMatmul',
-            'mllm_jax_decode_attention': 'DecodeAttention'}
+            'mllm_jax_decode_attention': 'DecodeAttention', 'mllm_jax_cache_write': 'CacheWrite',
+            'mllm_jax_greedy_token': 'GreedyToken'}
 _FLAGS = ('-O3', '-march=native', '-ffp-contract=fast', '-std=c++17', '-shared', '-fPIC',
           '-w')
 
@@ -107,38 +112,79 @@ def available() -> bool:
     return False
 
 
+def _dtype(x, what: str):
+  if jnp.dtype(x.dtype) not in DTYPES:
+    raise ValueError(f'{what}: dtype {x.dtype}, the CPU decode kernels take float32 or bfloat16')
+  return jnp.dtype(x.dtype)
+
+
+def packed_shape(k: int, n: int, dtype) -> tuple[int, int, int]:
+  """The packed layout of a [k, n] kernel: fp32 [ceil(n / 32), k, 32]; bf16
+  [ceil(n / 32), ceil(k / 2), 64], rows 2i and 2i + 1 of a column side by side (the operand
+  pairs of AVX-512 BF16's dot instruction)."""
+  panels = -(-n // PANEL)
+  if jnp.dtype(dtype) == jnp.float32:
+    return panels, k, PANEL
+  return panels, -(-k // 2), 2 * PANEL
+
+
 def pack(kernel) -> jax.Array:
-  """kernel [K, N] -> panels [ceil(N / 32), K, 32] (N zero-padded to a multiple of 32)."""
+  """kernel [K, N] -> its panels (`packed_shape`) in its dtype (N zero-padded to a multiple of
+  32, bf16 K to a multiple of 2)."""
   _register()
   k, n = kernel.shape
   # a custom call rather than pad + transpose: packing the bench model's LLM weights took
   # 75 ms per generate call that way (~15 batch-1 decode steps' worth of the kernels' gain),
   # 38 ms this way (BENCHMARKS.md)
-  return jax.ffi.ffi_call('mllm_jax_pack', jax.ShapeDtypeStruct((-(-n // PANEL), k, PANEL),
-                                                                jnp.float32))(
-      kernel.astype(jnp.float32))
+  dtype = _dtype(kernel, 'pack')
+  return jax.ffi.ffi_call('mllm_jax_pack', jax.ShapeDtypeStruct(packed_shape(k, n, dtype),
+                                                                dtype))(kernel)
 
 
 def packed_matmul(x, packed, n: int):
-  """x [M, K] fp32 . packed kernel [P, K, 32] -> [M, n] fp32 (n: the kernel's true columns)."""
+  """x [M, K] . packed kernel -> [M, n] (n: the kernel's true columns), in the packed
+  kernel's dtype (x is cast to it)."""
   _register()
   m, k = x.shape
-  if packed.shape[1] != k or packed.shape[2] != PANEL or not (
-      (packed.shape[0] - 1) * PANEL < n <= packed.shape[0] * PANEL):
+  dtype = _dtype(packed, 'packed_matmul')
+  if packed.shape != packed_shape(k, n, dtype):
     raise ValueError(f'packed_matmul: x {x.shape} and packed {packed.shape} for {n} columns')
-  return jax.ffi.ffi_call('mllm_jax_packed_matmul', jax.ShapeDtypeStruct((m, n), jnp.float32))(
-      x.astype(jnp.float32), packed)
+  return jax.ffi.ffi_call('mllm_jax_packed_matmul', jax.ShapeDtypeStruct((m, n), dtype))(
+      x.astype(dtype), packed)
 
 
 def decode_attention(q, k, v, mask, scale: float):
-  """Softmax attention of the decode step over the KV cache, fp32.
+  """Softmax attention of the decode step over the KV cache, in the cache's dtype.
 
   q [B, Hkv, R, D] (R = query heads per K/V head x T new tokens, ordered (head, token)),
-  k, v [B, Hkv, S, D], mask bool [B, T, S] -> [B, Hkv, R, D]; the masking and softmax of
-  `layers.dot_product_attention` (a query that sees no slot averages all S values).
+  k, v [B, Hkv, S, D], mask bool [B, T, S] -> [B, Hkv, R, D]; the masking, softmax and
+  roundings of `layers.dot_product_attention` (fp32 scores and softmax, probabilities rounded
+  to the cache's dtype; a query that sees no slot averages all S values).
   """
   _register()
-  return jax.ffi.ffi_call('mllm_jax_decode_attention', jax.ShapeDtypeStruct(q.shape, jnp.float32))(
-      q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask.astype(bool),
-      scale=np.float32(scale))
+  dtype = _dtype(k, 'decode_attention')
+  return jax.ffi.ffi_call('mllm_jax_decode_attention', jax.ShapeDtypeStruct(q.shape, dtype))(
+      q.astype(dtype), k, v.astype(dtype), mask.astype(bool), scale=np.float32(scale))
 
+
+def cache_write(cache, new, index):
+  """`dynamic_update_slice(cache, new, (0, 0, index, 0))` in place: cache [B, H, L, D], new
+  [B, H, T, D] (cast to the cache's dtype), index int32 [] (clamped so the T slots fit). The
+  result aliases the cache, so XLA reuses its buffer when nothing else reads the old cache
+  (a decode loop's carried cache); XLA:CPU's own bf16 update rewrites the whole cache."""
+  _register()
+  if cache.ndim != 4 or new.ndim != 4 or new.shape[:2] != cache.shape[:2] or (
+      new.shape[3] != cache.shape[3] or new.shape[2] > cache.shape[2]):
+    raise ValueError(f'cache_write: cache {cache.shape}, new {new.shape}')
+  return jax.ffi.ffi_call('mllm_jax_cache_write', jax.ShapeDtypeStruct(cache.shape, cache.dtype),
+                          input_output_aliases={0: 0})(
+      cache, new.astype(cache.dtype), jnp.asarray(index, jnp.int32))
+
+
+def greedy_token(logits):
+  """[B, V] fp32 logits -> [B] int32: `generate.greedy_token` (the first index of the largest
+  logit) as one kernel; a row with a NaN gives its first NaN's index, as `argmax` does."""
+  _register()
+  return jax.ffi.ffi_call('mllm_jax_greedy_token',
+                          jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32))(
+      logits.astype(jnp.float32))

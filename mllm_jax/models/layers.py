@@ -98,9 +98,23 @@ def decode_kernel_on(module: nn.Module, name: str) -> bool:
   return module.has_variable(PACKED, name)
 
 
+def cache_write(cache, new, index):
+  """KV cache [B, Hkv, L, D] with new [B, Hkv, T, D] written at slots [index, index + T)."""
+  return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, 0, index, 0))
+
+
+def decode_cache_write(cache, new, index):
+  """`cache_write` in generate's CPU decode step: a custom call that updates the cache in place
+  (XLA:CPU runs a bf16 dynamic_update_slice in fp32, converting the whole cache up and back:
+  5.6 ms of an 11.8 ms bf16 batch-8 step on the bench model, BENCHMARKS.md)."""
+  from mllm_jax.kernels import cpu
+  return cpu.cache_write(cache, new, index)
+
+
 def decode_attention(q, k, v, mask, dtype=jnp.float32):
   """`dot_product_attention(q, k, v, mask, kv_heads_first=True)` with the CPU decode kernel:
-  q [B, T, H, D], k, v [B, Hkv, S, D], mask bool [B, 1, T, S] -> [B, T, H, D]."""
+  q [B, T, H, D], k, v [B, Hkv, S, D], mask bool [B, 1, T, S] -> [B, T, H, D]; fp32 or bf16
+  (the cache's dtype)."""
   from mllm_jax.kernels import cpu
   b, t, h, d = q.shape
   hkv = k.shape[1]
@@ -111,7 +125,8 @@ def decode_attention(q, k, v, mask, dtype=jnp.float32):
 
 
 def packed_matmul(x, packed, out_shape: tuple[int, ...], n_in: int):
-  """x [..., *in] . packed kernel -> [..., *out_shape] with the CPU decode kernel."""
+  """x [..., *in] . packed kernel -> [..., *out_shape] with the CPU decode kernel, in the
+  packed kernel's dtype."""
   from mllm_jax.kernels import cpu
   lead = x.shape[:x.ndim - n_in]
   y = cpu.packed_matmul(x.reshape((-1, math.prod(x.shape[x.ndim - n_in:]))), packed,
@@ -148,7 +163,8 @@ class DenseGeneral(nn.Module):
         lambda key, shape, dtype: nn.initializers.normal(fan_in ** -0.5)(key, shape, dtype))
     kernel = self.param('kernel', nn.with_logical_partitioning(init, self.kernel_axes),
                         in_shape + features, self.param_dtype)
-    packed = decode_packed(self, 'kernel', lambda: jnp.reshape(kernel, (fan_in, -1)))
+    packed = decode_packed(self, 'kernel',
+                           lambda: jnp.reshape(jnp.asarray(kernel, self.dtype), (fan_in, -1)))
     if packed is None:
       y = contract_trailing(x.astype(self.dtype), jnp.asarray(kernel, self.dtype), len(in_axes))
     else:

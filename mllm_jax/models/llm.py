@@ -67,12 +67,13 @@ class Attention(nn.Module):
     q = L.constrain(L.apply_rope(q, cos, sin), ('act_batch', 'act_length', 'act_heads', None))
     k = L.constrain(L.apply_rope(k, cos, sin), ('act_batch', 'act_length', 'act_kv_heads', None))
     v = L.constrain(v, ('act_batch', 'act_length', 'act_kv_heads', None))
+    kernels = kv is not None and L.decode_kernel_on(self, 'decode_attention')
     if kv is not None:
-      at = (0, 0, kv['index'], 0)
-      k = jax.lax.dynamic_update_slice(kv['k'], k.transpose(0, 2, 1, 3).astype(kv['k'].dtype), at)
-      v = jax.lax.dynamic_update_slice(kv['v'], v.transpose(0, 2, 1, 3).astype(kv['v'].dtype), at)
+      write = L.decode_cache_write if kernels else L.cache_write
+      k = write(kv['k'], k.transpose(0, 2, 1, 3), kv['index'])
+      v = write(kv['v'], v.transpose(0, 2, 1, 3), kv['index'])
       kv = dict(k=k, v=v, index=kv['index'])
-    if kv is not None and L.decode_kernel_on(self, 'decode_attention'):
+    if kernels:
       out = L.decode_attention(q, k, v, mask, self.dtype)    # generate's CPU decode step
     else:
       out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
@@ -282,7 +283,8 @@ class Decoder(nn.Module):
   def logits(self, h):
     """[B, T, E] -> fp32 [B, T, vocab]."""
     if self.cfg.tie_embeddings:
-      packed = L.decode_packed(self, 'tied_lm_head', lambda: self.embed_tokens.embedding.T)
+      packed = L.decode_packed(   # in the dtype `attend` computes in
+          self, 'tied_lm_head', lambda: self.embed_tokens.embedding.T.astype(self.dtype))
       out = (self.embed_tokens.attend(h) if packed is None else
              L.packed_matmul(h, packed, (self.cfg.vocab_size,), 1))
     else:
