@@ -142,7 +142,7 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
 
   unrolled, head_variables = None, variables
   if layer_loop == 'unrolled':
-    unrolled = UnrolledDecoder(model, params)
+    unrolled = UnrolledDecoder(model, params, cache_len)
     cache = unrolled.split_cache(cache)
     if decode_kernel == 'packed':
       unrolled.pack(cache)
@@ -164,10 +164,17 @@ class UnrolledDecoder:
   Numbers are those of the scanned decoder: the same `DecoderBlock` runs on the same weights.
   """
 
-  def __init__(self, model, params):
+  def __init__(self, model, params, cache_len: int):
+    from mllm_jax.models import layers as L
     from mllm_jax.models.llm import DecoderBlock, layer_plan
     c = model.cfg
     self.model, self.params, self.cfg = model, params, c.llm
+    # RoPE's cos / sin for every cache slot's position, once per call ([L, head_dim] each): a
+    # step gathers its rows. Computed in the step, XLA fuses the sin / cos into every layer's
+    # q and k rotation and evaluates them 2 x depth times per step (~10 us each, bench model).
+    cos, sin = L.rope_cos_sin(jnp.arange(cache_len)[None], L.rope_inv_freq(
+        c.llm.dim_per_head, c.llm.rope_theta, c.llm.rope_scaling.as_dict()))
+    self.rope = cos[0], sin[0]
     self.packed = None   # per layer, the `layers.PACKED` collection once `pack` ran
     # Per layer, in order: (block module, its weights), from every scanned stack of the plan
     # (a stack of groups holds `block_j` sub-trees; MoE layers are MoE blocks).
@@ -195,8 +202,7 @@ class UnrolledDecoder:
     filled = jax.lax.dynamic_update_slice(cache['filled'], jnp.ones(ids.shape, bool),
                                           (0, cache['index']))
     mask = L.make_cache_mask(filled, cache['index'], ids.shape[1], c.sliding_window)
-    cos, sin = L.rope_cos_sin(positions, L.rope_inv_freq(c.dim_per_head, c.rope_theta,
-                                                         c.rope_scaling.as_dict()))
+    cos, sin = self.rope[0][positions], self.rope[1][positions]
     token_mask = jnp.ones(ids.shape, jnp.int32) if c.moe.num_experts else None
     return x, mask, cos, sin, token_mask, filled
 

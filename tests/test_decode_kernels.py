@@ -174,7 +174,7 @@ def test_decode_step_with_kernels_equals_xla(variant, dtypes):
 
   def step(packed: bool):
     """One decode step: (hidden states, logits)."""
-    dec = gen.UnrolledDecoder(model, params)
+    dec = gen.UnrolledDecoder(model, params, 16)
     split = dec.split_cache(cache)
     variables = {'params': params}
     if packed:
