@@ -4,6 +4,7 @@ step with them against the XLA step on several LLM variants in both dtypes, when
 `decode_kernel='auto'` picks them, and the fallback without a compiler."""
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 
@@ -251,6 +252,50 @@ except cpu.KernelBuildError as e:
   assert lines['choice'] == 'choice xla'
   assert 'no C++ compiler found' in lines['warning']
   assert lines['error'].startswith('error no C++ compiler found')
+
+
+@pytest.mark.skipif(os.uname().machine != 'x86_64', reason='an x86 target to build for')
+def test_portable_build_without_avx512(tmp_path):
+  """Built for AVX2 (`-march=x86-64-v3`: no AVX-512, no AVX512_BF16 dot instruction), the
+  kernels take their portable paths (GCC vector types at half width, bf16 pairs widened to
+  fp32) and give the same results."""
+  code = f'''
+import jax, jax.numpy as jnp, numpy as np
+from mllm_jax.kernels import cpu
+from mllm_jax.models import layers as L
+from test_decode_kernels import assert_bf16_rounding_apart
+rng = np.random.default_rng(0)
+for m, k, n in ((8, 512, 1376), (3, 41, 70)):
+  x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((k, n)), jnp.bfloat16)
+  y = jax.jit(cpu.packed_matmul, static_argnums=2)(x, jax.jit(cpu.pack)(w), n)
+  assert_bf16_rounding_apart(y, jax.jit(jnp.dot)(x, w))
+  x32, w32 = np.asarray(x, np.float32), np.asarray(w, np.float32)
+  y32 = jax.jit(cpu.packed_matmul, static_argnums=2)(x32, cpu.pack(w32), n)
+  np.testing.assert_allclose(np.asarray(y32), x32.astype(np.float64) @ w32, atol=2e-6 * k)
+for dtype in ('float32', 'bfloat16'):
+  q = jnp.asarray(rng.standard_normal((2, 1, 4, 64)), dtype)
+  kv = [jnp.asarray(rng.standard_normal((2, 2, 40, 64)), dtype) for _ in range(2)]
+  mask = jnp.asarray(np.arange(40)[None, None, None] < np.array([30, 17])[:, None, None, None])
+  ours = jax.jit(L.decode_attention, static_argnums=4)(q, *kv, mask, dtype)
+  want = L.dot_product_attention(q, *kv, mask, kv_heads_first=True, dtype=dtype)
+  if dtype == 'bfloat16':
+    assert_bf16_rounding_apart(ours, want)
+  else:
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=1e-5)
+print('ok')
+'''
+  env = dict(os.environ, MLLM_JAX_KERNEL_FLAGS='-march=x86-64-v3',
+             MLLM_JAX_CACHE=str(tmp_path / 'cache'),
+             PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+  built = list((tmp_path / 'cache' / 'kernels').glob('decode_kernels-*.so'))
+  assert len(built) == 1
+  if shutil.which('objdump'):   # the AVX-512 BF16 dot instruction is not in this build
+    assert b'vdpbf16ps' not in subprocess.run(['objdump', '-d', str(built[0])],
+                                              capture_output=True).stdout
 
 
 def test_init_makes_no_packed_weights():

@@ -2,13 +2,15 @@
 
 `packed_matmul(x, packed, n)` is `x @ kernel` for the few rows of a decode step, with the
 kernel packed once per `generate` call by `pack`; `decode_attention(q, k, v, mask, scale)` is
-the step's attention over the KV cache (decode_kernels.cc says why and how). Each runs in fp32
-or in bf16 (bf16 data, fp32 sums, as XLA:CPU computes bf16 dots).
+the step's attention over the KV cache, `cache_write` its in-place cache update and
+`greedy_token` its argmax (decode_kernels.cc says why and how). They run in fp32 or in bf16
+(bf16 data, fp32 sums, as XLA:CPU computes bf16 dots).
 
 The shared library is compiled with the machine's C++ compiler (`$CXX`, else `c++` / `g++`) for
 this CPU (`-march=native`) against the FFI headers jaxlib ships, and cached under
 `$MLLM_JAX_CACHE` (default `~/.cache/mllm_jax`) by a hash of the source, compiler, flags and
-jaxlib version. Without a compiler, `available()` is False and callers keep XLA's dot;
+jaxlib version; `$MLLM_JAX_KERNEL_FLAGS` adds compiler flags (e.g. `-mno-avx512bf16`: the
+portable bf16 path). Without a compiler, `available()` is False and callers keep XLA's dot;
 `build()` raises with the compiler's message.
 """
 from __future__ import annotations
@@ -56,13 +58,14 @@ def cache_dir() -> Path:
 def build() -> Path:
   """Compile decode_kernels.cc (once per source / compiler / jaxlib / machine) -> the .so path."""
   cxx = _compiler()
+  flags = _FLAGS + tuple(os.environ.get('MLLM_JAX_KERNEL_FLAGS', '').split())
   if cxx is None:
     raise KernelBuildError('no C++ compiler found ($CXX, c++, g++ or clang++): the CPU decode '
                            'kernel cannot be built; generate falls back to XLA dot')
   import jaxlib
   version = subprocess.run([cxx, '--version'], capture_output=True, text=True).stdout
   key = hashlib.sha256('\n'.join([
-      _SOURCE.read_text(), cxx, version, ' '.join(_FLAGS), jaxlib.__version__,
+      _SOURCE.read_text(), cxx, version, ' '.join(flags), jaxlib.__version__,
       platform.machine(), _cpu_flags()]).encode()).hexdigest()[:16]
   out = cache_dir() / f'decode_kernels-{key}.so'
   if out.exists():
@@ -72,7 +75,7 @@ def build() -> Path:
   # home directory) never load a half-written library.
   fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
   os.close(fd)
-  cmd = [cxx, *_FLAGS, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', tmp]
+  cmd = [cxx, *flags, f'-I{jax.ffi.include_dir()}', str(_SOURCE), '-o', tmp]
   proc = subprocess.run(cmd, capture_output=True, text=True)
   if proc.returncode != 0:
     os.unlink(tmp)
