@@ -214,6 +214,8 @@ def instructblip_preference_task(tok, split='train'):
                                    max_len=48, qformer_tokenizer=tok, qformer_max_len=16)
 
 
+# 21 s; the InstructBLIP reward step (test_reward) checks the instruction path by default
+@pytest.mark.slow
 def test_instructblip_dpo_step_reads_the_instruction(setup):
   """Preference pairs carry the Q-Former instruction (the question, as SFT builds it) shared by
   chosen and rejected, and the DPO step's loss is the formula on per-sequence log-probs of the

@@ -412,6 +412,8 @@ def permutation_task(n, seed, t=12, vocab=32, classes=4):
   return dict(input_ids=ids, attention_mask=np.ones_like(ids), loss_mask=loss)
 
 
+# 21 s: a learning run; the MoE train step's 1 vs 8 device equality stays in the default run
+@pytest.mark.slow
 def test_moe_model_learns_through_the_train_step():
   """A 2-layer MoE decoder (every 2nd layer MoE, capacity path) trained with the real train
   step (AdamW, router losses on) learns a class-dependent permutation task: held-out next-token

@@ -240,6 +240,8 @@ def test_worker_processes_resume_exactly_and_report_skips(tok, data):
 
 # ---- the training job -------------------------------------------------------------------------
 
+# 19 s: a training run; LLaVA-JSON reading and its config's stages are in test_data_sources
+@pytest.mark.slow
 def test_training_from_llava_json(tmp_path):
   """`loop.run` on LLaVA JSON records with images: a few steps, finite and falling loss."""
   from mllm_jax.config import load_config

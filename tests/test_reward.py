@@ -228,6 +228,8 @@ def test_checkpoint_with_another_layout_is_a_clear_error(setup, tmp_path):
   assert rm['score']['kernel'].shape == (32, 1)
 
 
+# 26 s; the other entry-point test (preference files, epochs, resume) stays in the default run
+@pytest.mark.slow
 def test_reward_entry_point_trains_from_a_policy_saves_and_reruns(setup, tmp_path):
   """`python -m mllm_jax.train.reward`'s function: from a saved policy, a few steps, metrics,
   the model in WORKDIR/reward/model; a rerun reports the saved model instead of retraining."""
