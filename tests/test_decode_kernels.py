@@ -95,9 +95,9 @@ def test_packed_matmul_shape_errors():
 @pytest.mark.parametrize('t,d,window', [(1, 16, 0), (3, 12, 0), (1, 16, 5), (1, 64, 0), (3, 32, 5)])
 def test_decode_attention_matches_dot_product_attention(t, d, window, dtype):
   """GQA (4 query heads on 2 K/V heads), left-padded rows, 1 or 3 new tokens, a head dim that
-  is / is not a multiple of 16 (fp32) or 32 (bf16), a sliding window, and a row with no
-  visible slot at all; in
-  fp32, and in bf16 (fp32 scores and softmax, probabilities rounded to bf16)."""
+  is / is not a multiple of 16 (fp32) or 32 (bf16), a sliding window, a row with no visible
+  slot at all, 24 slots (a full and a partial block of 16 scores); in fp32, and in bf16 (fp32
+  scores and softmax, probabilities rounded to bf16)."""
   b, h, hkv, s = 3, 4, 2, 24
   rng = np.random.default_rng(t * 10 + d)
   q = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)

@@ -376,7 +376,6 @@ constexpr float kNegInf = -0.7f * 3.4028234663852886e38f;
 // transposing tree (each level folds every owner's lanes in half and packs two vectors into
 // one), 15 adds and 30 shuffles for 16 sums instead of 16 serial horizontal sums.
 inline v16 fold(v16 a, v16 b, int level) {
-  typedef int i16 __attribute__((vector_size(64)));
   switch (level) {
     case 0:   // owners of 16 lanes -> of 8
       return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -403,7 +402,8 @@ inline v16 transpose_sum(v16* v) {   // v[16], overwritten
 }
 
 // exp(x) for 16 lanes: Cody-Waite reduction by ln 2 and a degree-6 polynomial (Cephes expf,
-// ~1 ulp); exactly 0 below -87.3 (the masked slots' NEG_INF - max), like exp in fp32.
+// ~1 ulp); 0 below -87.3, where exp's results are denormal or 0 (the masked slots' NEG_INF -
+// max give exactly 0, as in XLA's softmax).
 inline v16 exp16(v16 x) {
   typedef int32_t i16 __attribute__((vector_size(64)));
   const v16 lo = x < -87.3f ? v16{} + 1.0f : v16{};
