@@ -106,7 +106,7 @@ def cache_write(cache, new, index):
 def decode_cache_write(cache, new, index):
   """`cache_write` in generate's CPU decode step: a custom call that updates the cache in place
   (XLA:CPU runs a bf16 dynamic_update_slice in fp32, converting the whole cache up and back:
-  5.6 ms of an 11.8 ms bf16 batch-8 step on the bench model, BENCHMARKS.md)."""
+  5.6 ms of a 14.9 ms profiled bf16 batch-8 step on the bench model, BENCHMARKS.md)."""
   from mllm_jax.kernels import cpu
   return cpu.cache_write(cache, new, index)
 
