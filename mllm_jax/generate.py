@@ -420,13 +420,14 @@ def _decode_kernel(model, params, layer_loop: str, choice: str) -> str:
     raise ValueError(f"decode_kernel={choice!r}: expected 'auto', 'xla' or 'packed'")
   if choice == 'xla':
     return choice
+  from mllm_jax.kernels import cpu   # (importing does not build the library)
   c = model.cfg
   devices = {d for leaf in jax.tree.leaves(params) if isinstance(leaf, jax.Array)
              for d in leaf.sharding.device_set}
   reasons = [why for bad, why in (
       (jax.default_backend() != 'cpu', f'the backend is {jax.default_backend()}, not cpu'),
       (layer_loop != 'unrolled', f"layer_loop is {layer_loop!r}, not 'unrolled'"),
-      (jnp.dtype(c.compute_dtype) not in (jnp.float32, jnp.bfloat16),
+      (jnp.dtype(c.compute_dtype) not in cpu.DTYPES,
        f'the compute dtype is {c.compute_dtype}, not float32 or bfloat16'),
       (len(devices) > 1, f'params live on {len(devices)} devices'),
       (jax.device_count() > 1 and jax.sharding.get_abstract_mesh().size > 1,
@@ -436,7 +437,6 @@ def _decode_kernel(model, params, layer_loop: str, choice: str) -> str:
                      f"device and layer_loop='unrolled': {'; '.join(reasons)}")
   if reasons:
     return 'xla'
-  from mllm_jax.kernels import cpu
   if choice == 'packed':
     cpu.build()   # raises with the compiler's message
     return choice
