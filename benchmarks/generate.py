@@ -13,6 +13,9 @@ repeats of (time(N) - time(1)), both timed back to back in each repeat, framewor
 each turn starts with --settle untimed calls (alternately 1 and N new tokens), since the first
 calls after the other framework ran are slow ones a generation server never sees.
 Runs re-exec with glibc.malloc.hugetlb=1 like the training CLI (`--no-hugepages`: don't).
+Each batch also prints its decode step's memory roofline: the bytes a step must read (the LLM
+weights it multiplies and the KV cache) at the read bandwidth measured in the run, the ratio to
+transformers that reading alone allows, and the fraction of it our step reaches.
 Last line (batch 8):
     decode_tokens_per_s=<x> transformers_decode_tokens_per_s=<x> ratio=<x>
 """
@@ -151,6 +154,19 @@ def main(argv=None):
     print(f'batch {batch}: decode ratio {row["mllm_jax"]["decode"] / row["transformers"]["decode"]:.2f}, '
           f'prefill ratio {row["mllm_jax"]["prefill"] / row["transformers"]["prefill"]:.2f}; '
           f'same greedy tokens: {same:.0%}', flush=True)
+    # The step's memory roofline: every weight it multiplies plus the KV cache up to the slots
+    # it attends to (PROMPT_LEN + 1 .. PROMPT_LEN + n - 1 over the timed steps), at this run's
+    # read bandwidth; the ratio to transformers' step that reading alone would allow.
+    c = model.cfg.llm
+    kv_bytes = (2 * c.depth * batch * c.num_kv_heads * c.dim_per_head * jnp.dtype(args.dtype).itemsize
+                * (PROMPT_LEN + n / 2))
+    floor = (weight_bytes + kv_bytes) / bandwidth
+    theirs_step = batch * 1.0 / row['transformers']['decode']
+    ours_step = batch * 1.0 / row['mllm_jax']['decode']
+    print(f'batch {batch} roofline: {(weight_bytes + kv_bytes) / 1e6:.0f} MB per step (KV cache '
+          f'{kv_bytes / 1e6:.0f} MB) -> {floor * 1e3:.1f} ms at {bandwidth / 1e9:.1f} GB/s, a ratio '
+          f'of at most {theirs_step / floor:.2f}; ours at {floor / ours_step:.0%} of it',
+          flush=True)
     results[batch] = row
   r = results[8]
   print(f'decode_tokens_per_s={r["mllm_jax"]["decode"]:.1f} '

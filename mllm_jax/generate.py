@@ -110,8 +110,14 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
     return model.apply(head_variables, hidden[:, -1:], method='logits')[:, 0]
 
   cache = model.apply(variables, rows, cache_len, method='init_cache')
-  hidden, cache = model.apply(variables, input_ids, pixel_values, attention_mask, positions,
-                              cache=cache, method='hidden_states', **image_kw)
+  unrolled, head_variables = None, variables
+  if layer_loop == 'unrolled':
+    unrolled = UnrolledDecoder(model, params, cache_len)
+    embeds = model.apply(variables, input_ids, pixel_values, method='embed', **image_kw)
+    hidden, cache = unrolled.run(embeds, attention_mask, positions, unrolled.split_cache(cache))
+  else:
+    hidden, cache = model.apply(variables, input_ids, pixel_values, attention_mask, positions,
+                                cache=cache, method='hidden_states', **image_kw)
   stops = jnp.asarray(stop_tokens or [-1], jnp.int32)
 
   def choose(logits, key):
@@ -140,26 +146,23 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
       hidden, cache = unrolled.step(feed[:, None], pos[:, None], cache)
     return i + 1, tokens, cache, done, rng, last_logits(hidden), pos + 1
 
-  unrolled, head_variables = None, variables
-  if layer_loop == 'unrolled':
-    unrolled = UnrolledDecoder(model, params, cache_len)
-    cache = unrolled.split_cache(cache)
-    if decode_kernel == 'packed':
-      unrolled.pack(cache)
-      head_variables = unrolled.head_variables(hidden[:, -1:])
+  if decode_kernel == 'packed':   # after the prefill, which keeps XLA's dots (many rows)
+    unrolled.pack(cache)
+    head_variables = unrolled.head_variables(hidden[:, -1:])
   init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
           jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
   return jax.lax.while_loop(cond, body, init)[1]
 
 
 class UnrolledDecoder:
-  """The decode step with the layers unrolled over per-layer weights and per-layer KV caches.
+  """The prefill and the decode step with the layers unrolled over per-layer weights and
+  per-layer KV caches.
 
   In the scanned decoder every decode step dynamic-slices each layer's weights and KV cache out
   of the stacked arrays and writes the cache back; on XLA:CPU those copies cost more than the
-  step's matmuls (BENCHMARKS.md). Here the stacked weights are split once per `generate` call
-  and each layer's cache is its own loop-carried buffer that `dynamic_update_slice` updates in
-  place. The price is a second copy of the LLM's layer weights for the duration of the call,
+  step's matmuls, and in bf16 the scanned prefill converts all stacked weights to fp32 and back
+  (BENCHMARKS.md). Here the stacked weights are split once per `generate` call and each layer's
+  cache is its own loop-carried buffer that `dynamic_update_slice` updates in place. The price is a second copy of the LLM's layer weights for the duration of the call,
   which is why `layer_loop='auto'` picks this only on CPU (TPU/GPU fuse the slices).
   Numbers are those of the scanned decoder: the same `DecoderBlock` runs on the same weights.
   """
@@ -193,18 +196,21 @@ class UnrolledDecoder:
     return dict(k=list(cache['k']), v=list(cache['v']), filled=cache['filled'],
                 index=cache['index'])
 
-  def _inputs(self, ids, positions, cache):
-    """The blocks' inputs for new tokens ids, positions [B, T]: x, mask, cos, sin, token mask,
-    and the cache's new filled slots."""
+  def _inputs(self, attention_mask, positions, cache):
+    """The blocks' inputs for new tokens' attention_mask, positions [B, T]: mask, cos, sin,
+    token mask, and the cache's new filled slots (as in the LLM's `hidden_states`)."""
     from mllm_jax.models import layers as L
     c = self.cfg
-    x = self.model.apply({'params': self.params}, ids, method=lambda m, i: m.llm.embed(i))
-    filled = jax.lax.dynamic_update_slice(cache['filled'], jnp.ones(ids.shape, bool),
+    filled = jax.lax.dynamic_update_slice(cache['filled'], attention_mask.astype(bool),
                                           (0, cache['index']))
-    mask = L.make_cache_mask(filled, cache['index'], ids.shape[1], c.sliding_window)
+    mask = L.make_cache_mask(filled, cache['index'], positions.shape[1], c.sliding_window)
     cos, sin = self.rope[0][positions], self.rope[1][positions]
-    token_mask = jnp.ones(ids.shape, jnp.int32) if c.moe.num_experts else None
-    return x, mask, cos, sin, token_mask, filled
+    token_mask = attention_mask if c.moe.num_experts else None
+    return mask, cos, sin, token_mask, filled
+
+  def embed(self, ids):
+    """Token ids [B, T] -> embeddings [B, T, E]."""
+    return self.model.apply({'params': self.params}, ids, method=lambda m, i: m.llm.embed(i))
 
   def pack(self, cache):
     """Switch the step to the CPU decode kernels (mllm_jax/kernels): every dense kernel of
@@ -213,7 +219,8 @@ class UnrolledDecoder:
     also marks each attention layer for the decode-attention kernel."""
     from mllm_jax.models import layers as L
     ids = jnp.zeros((cache['filled'].shape[0], 1), jnp.int32)
-    x, mask, cos, sin, token_mask, _ = self._inputs(ids, ids, cache)
+    x = self.embed(ids)
+    mask, cos, sin, token_mask, _ = self._inputs(jnp.ones_like(ids), ids, cache)
     packed = []
     for (block, p), k, v in zip(self.layers, cache['k'], cache['v']):
       _, cols = block.apply({'params': p}, x, mask, cos, sin, token_mask,
@@ -231,8 +238,16 @@ class UnrolledDecoder:
 
   def step(self, ids, positions, cache):
     """ids, positions [B, T] -> (final-normed hidden states [B, T, E], cache)."""
+    return self.run(self.embed(ids), jnp.ones(ids.shape, jnp.int32), positions, cache)
+
+  def run(self, embeds, attention_mask, positions, cache):
+    """New tokens' embeddings [B, T, E], attention_mask, positions [B, T] -> (final-normed
+    hidden states [B, T, E], cache): the LLM's `hidden_states` with a cache, layer by layer.
+    The prefill runs here too: the scanned layers' per-layer slices of bf16 weights are
+    converted to fp32 and back by XLA:CPU (all LLM weights, every call; BENCHMARKS.md)."""
     from mllm_jax.models import layers as L
-    x, mask, cos, sin, token_mask, filled = self._inputs(ids, positions, cache)
+    mask, cos, sin, token_mask, filled = self._inputs(attention_mask, positions, cache)
+    x = embeds.astype(self.model.cfg.compute_dtype)
     index = cache['index']
     ks, vs = [], []
     for i, ((block, p), k, v) in enumerate(zip(self.layers, cache['k'], cache['v'])):
@@ -242,7 +257,7 @@ class UnrolledDecoder:
       ks.append(kv['k'])
       vs.append(kv['v'])
     h = self.model.apply({'params': self.params}, x, method=lambda m, x: m.llm.norm(x))
-    return h, dict(k=ks, v=vs, filled=filled, index=index + ids.shape[1])
+    return h, dict(k=ks, v=vs, filled=filled, index=index + positions.shape[1])
 
 
 @functools.lru_cache(maxsize=32)

@@ -181,6 +181,13 @@ def test_decode_step_with_kernels_equals_xla(variant, dtypes):
     if packed:
       dec.pack(split)
       variables = dec.head_variables(jnp.zeros((3, 1, c.hidden), compute))
+      # q / k / v and gate / up each packed side by side as one matmul (layers.fused_dense)
+      for layer in dec.packed:
+        assert set(layer['attn']) == {'qkv', 'o_proj', 'decode_attention'}
+        assert set(layer['mlp']) in ({'gate_up', 'down_proj'}, {'router'})
+      assert any('gate_up' in layer['mlp'] for layer in dec.packed)
+      assert dec.packed[0]['attn']['qkv'].shape[0] == -(-(c.heads + 2 * c.num_kv_heads) *
+                                                        c.dim_per_head // cpu.PANEL)
     hidden, _ = dec.step(new, pos, split)
     return hidden, model.apply(variables, hidden, method='logits')
 

@@ -3,6 +3,7 @@ values, 1 vs 8 devices, bad-input errors, and the CLI on an HF directory."""
 import io
 import contextlib
 import json
+import re
 
 import flax.linen as nn
 import jax
@@ -76,18 +77,32 @@ def test_scanned_and_unrolled_layer_loops_agree(llava):
     gen.generate(*args, max_new_tokens=2, layer_loop='loop')
 
 
-def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava):
+def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava, monkeypatch):
   """bf16 on CPU: the unrolled loop with the decode kernels (bf16 panels and attention, the
-  in-place cache write carried through the loop, the greedy kernel) gives the tokens of the
-  scanned loop on XLA's ops, with left padding and images."""
+  in-place cache write carried through the loop, the greedy kernel) and the prefill on the
+  unrolled layers gives the tokens of the scanned loop on XLA's ops, with left padding and
+  images; and the compiled program holds no fp32 copy of the LLM's stacked weights or of the
+  vocabulary (XLA:CPU's bf16 dynamic slices and gathers make them: layers.take_rows)."""
   _, _, _, inputs, path = llava
   model, params = mllm_jax.load_hf(str(path), dtype=jnp.bfloat16)
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
   args = (model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
   scan = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='scan'))
+  compiled, real = [], gen._compiled
+  monkeypatch.setattr(gen, '_compiled', lambda m, **kw: compiled.append(real(m, **kw)) or
+                      compiled[-1])
   kernels = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='unrolled'))
   np.testing.assert_array_equal(kernels, scan)
   assert len(np.unique(scan)) > 3                    # not one token repeated
+  hlo = compiled[-1].lower(params, *(jnp.asarray(inputs[k]) for k in ('input_ids',
+                           'attention_mask')), jnp.asarray(inputs['pixel_values'], jnp.float32),
+                           jax.random.key(0), {}).compile().as_text()
+  llm = params['llm']
+  stacked = [x.shape for x in jax.tree.leaves(llm['layers']) if x.ndim > 2]
+  for shape in stacked + [llm['embed_tokens']['embedding'].shape]:   # materialised: an
+    # instruction of that shape on program values (inside a fusion, operands are its %param_N)
+    dims = ','.join(map(str, shape))
+    assert not re.search(rf'= f32\[{dims}\]\{{[0-9,]*\}} \w+\((?!%param_\d)', hlo), shape
 
 
 def test_stop_tokens_pad_the_rest(llava):

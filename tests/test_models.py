@@ -251,3 +251,48 @@ def test_config_rejects_unknown_keys():
     MLLMConfig.from_dict(dict(llm=dict(hiden=3)))
   with pytest.raises(ValueError, match='feature_layer'):
     VisionConfig(depth=2, feature_layer=-4).layers_used
+
+
+def _bf16(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.bfloat16)
+
+
+def test_bf16_matmul_on_cpu_is_the_bf16_dot_in_fp32_output_form():
+  """On CPU `layers.matmul` / `layers.einsum` ask for a bf16 product's fp32 output and round it
+  (the form XLA:CPU hands to its bf16 GEMM): the HLO dot takes bf16 operands and returns fp32,
+  values are the exact product rounded once (at most one bf16 step from it, as the plain bf16
+  dot), and the gradients are the plain dot's."""
+  x, w = _bf16((64, 48), 0), _bf16((48, 40), 1)
+  hlo = jax.jit(L.matmul).lower(x, w).as_text()
+  assert 'tensor<64x40xf32>' in hlo   # the dot's fp32 output
+  exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  for ours in (L.matmul(x, w), L.einsum('mk,kn->mn', x, w), jnp.dot(x, w)):
+    assert ours.dtype == jnp.bfloat16
+    step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)   # bf16 spacing
+    assert np.all(np.abs(np.asarray(ours, np.float64) - exact) <= step * 1.01)
+  loss = lambda f: (lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * jnp.arange(40.0)))
+  for a, b in zip(jax.grad(loss(L.matmul), (0, 1))(x, w), jax.grad(loss(jnp.dot), (0, 1))(x, w)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2 ** -7, atol=1e-2)
+  x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)     # fp32: the plain dot
+  np.testing.assert_array_equal(L.matmul(x32, w32), jnp.dot(x32, w32))
+
+
+def test_take_rows_gathers_bf16_bits_with_the_plain_gather_values_and_gradient():
+  """An embedding lookup of a bf16 table on CPU gathers 16-bit patterns (no fp32 copy of the
+  table in the compiled program), with jnp.take's rows (NaN for out-of-range ids, negative
+  ids from the end) and gradient (repeated ids summed)."""
+  table = _bf16((50, 8), 2)
+  ids = jnp.asarray([[0, 3, 49, 3], [50, -1, 7, 100]])
+  ours, ref = L.take_rows(table, ids), jnp.take(table, ids, axis=0)
+  assert ours.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+  assert np.isnan(np.asarray(ours, np.float32)[1, [0, 3]]).all()
+  hlo = jax.jit(L.take_rows).lower(table, ids).compile().as_text()
+  assert 'f32[50,8]' not in hlo and 'u16[50,8]' in hlo
+  w = jnp.arange(8.0)
+  grads = [jax.grad(lambda t, f=f: jnp.sum(f(t).astype(jnp.float32) * w))(table)
+           for f in (lambda t: L.take_rows(t, ids[:1]), lambda t: jnp.take(t, ids[:1], axis=0))]
+  np.testing.assert_array_equal(np.asarray(grads[0], np.float32), np.asarray(grads[1], np.float32))
+  assert float(jnp.abs(grads[0][3].astype(jnp.float32) - 2 * w).max()) == 0   # id 3 twice

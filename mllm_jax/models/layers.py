@@ -60,9 +60,67 @@ def contract_trailing(x, kernel, n_in: int):
   """
   lead, in_shape = x.shape[:x.ndim - n_in], x.shape[x.ndim - n_in:]
   out_shape = kernel.shape[n_in:]
-  y = jnp.dot(x.reshape((-1, math.prod(in_shape))),
-              kernel.reshape((math.prod(in_shape), math.prod(out_shape))))
+  y = matmul(x.reshape((-1, math.prod(in_shape))),
+             kernel.reshape((math.prod(in_shape), math.prod(out_shape))))
   return y.reshape(lead + out_shape)
+
+
+def matmul(a, b):
+  """a [M, K] @ b [K, N] in their (common) dtype.
+
+  bf16 on CPU is asked for as a dot with fp32 output, rounded to bf16: the computation XLA:CPU
+  runs for a bf16 dot anyway (fp32 sums, one rounding), but in this form it goes to YNNPACK's
+  AVX512-BF16 GEMM, ~2x faster than the bf16 dot XLA widens to fp32 (BENCHMARKS.md). Its
+  gradient dots then take an fp32 cotangent, which XLA:CPU computes in fp32 as before. Not on
+  TPU/GPU: there the bf16 dot is native, and fp32 cotangents would slow the backward pass.
+  """
+  if _bf16_on_cpu(a, b):
+    return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  return jnp.dot(a, b)
+
+
+def einsum(spec: str, a, b):
+  """`jnp.einsum(spec, a, b)` in the operands' dtype, bf16 on CPU as `matmul` does it (fp32
+  output rounded to bf16: ~2x for the attention's probabilities x values, BENCHMARKS.md)."""
+  if _bf16_on_cpu(a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+  return jnp.einsum(spec, a, b)
+
+
+def _bf16_on_cpu(a, b) -> bool:
+  return a.dtype == b.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu'
+
+
+def take_rows(table, ids):
+  """`jnp.take(table, ids, axis=0)`: an embedding lookup, [V, E] x int [...] -> [..., E].
+
+  A bf16 table on CPU is gathered as its 16-bit patterns: XLA:CPU gathers bf16 through an fp32
+  copy of the whole table, which it hoists out of generate's decode loop (the bench model's
+  65 MB vocabulary, ~30 ms per call; BENCHMARKS.md). Same rows, NaN rows for out-of-range ids,
+  and the plain gather's gradient.
+  """
+  if table.dtype == jnp.bfloat16 and jax.default_backend() == 'cpu':
+    return _take_bf16_rows(table, ids)
+  return jnp.take(table, ids, axis=0)
+
+
+@jax.custom_vjp
+def _take_bf16_rows(table, ids):
+  bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+  rows = jnp.take(bits, ids, axis=0, mode='fill', fill_value=0x7FC0)   # bf16 NaN, as jnp.take
+  return jax.lax.bitcast_convert_type(rows, jnp.bfloat16)
+
+
+def _take_bf16_rows_fwd(table, ids):
+  return _take_bf16_rows(table, ids), (table, ids)
+
+
+def _take_bf16_rows_bwd(res, g):
+  table, ids = res
+  return jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)[1](g)[0], None
+
+
+_take_bf16_rows.defvjp(_take_bf16_rows_fwd, _take_bf16_rows_bwd)
 
 
 # generate's CPU decode kernel (mllm_jax/kernels/cpu.py): a variable collection holding each
@@ -174,6 +232,41 @@ class DenseGeneral(nn.Module):
                         self.param_dtype)
       y = y + jnp.asarray(bias, self.dtype)
     return y
+
+
+def fused_dense(module: nn.Module, name: str, projections: Sequence[DenseGeneral], x):
+  """[p(x) for p in projections]: DenseGeneral submodules of `module` on one input x [..., K]
+  (in_axes=-1), e.g. q / k / v or gate / up.
+
+  In generate's CPU decode step they run as one packed matmul over their kernels side by side
+  (packed once, as `name`): one weight stream instead of several, ~10% faster on the bench
+  model's projections (BENCHMARKS.md). Each output column is the same dot product either way,
+  so the results are those of the separate projections. Anywhere else each runs as itself.
+  """
+  if not (_packing_pass(module) or module.has_variable(PACKED, name)):
+    return [p(x) for p in projections]
+  params = module.variables['params']
+  dtype = projections[0].dtype
+  if any(p.dtype != dtype or p.in_axes not in (-1, (-1,)) for p in projections):
+    raise ValueError(f'fused_dense {name!r}: the projections must share their dtype and '
+                     'contract the last axis only')
+  features = [(p.features,) if isinstance(p.features, int) else tuple(p.features)
+              for p in projections]
+  widths = [math.prod(f) for f in features]
+  if _packing_pass(module):
+    from mllm_jax.kernels import cpu
+    kernel = jnp.concatenate([jnp.reshape(jnp.asarray(params[p.name]['kernel'], dtype),
+                                          (x.shape[-1], w)) for p, w in zip(projections, widths)],
+                             1)
+    module.put_variable(PACKED, name, cpu.pack(kernel))
+    y = contract_trailing(x.astype(dtype), kernel, 1)   # the pass's outputs are dropped
+  else:
+    y = packed_matmul(x, module.get_variable(PACKED, name), (sum(widths),), 1).astype(dtype)
+  outs = []
+  for p, f, part in zip(projections, features, jnp.split(y, np.cumsum(widths)[:-1], -1)):
+    part = part.reshape(x.shape[:-1] + f)
+    outs.append(part + jnp.asarray(params[p.name]['bias'], dtype) if p.use_bias else part)
+  return outs
 
 
 def Dense(features, kernel_axes, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -336,7 +429,7 @@ def _attention_fwd_core(q, k, v, mask, scale):
   if mask is not None:
     logits = jnp.where(mask, logits, NEG_INF)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bkgts,bksd->bkgtd', probs, v), probs
+  return einsum('bkgts,bksd->bkgtd', probs, v), probs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -357,12 +450,12 @@ def _attention_fwd(q, k, v, mask, scale):
 
 def _attention_bwd(scale, res, d_out):
   q, k, v, mask, out, probs = res
-  dv = jnp.einsum('bkgts,bkgtd->bksd', probs, d_out.astype(probs.dtype))
+  dv = einsum('bkgts,bkgtd->bksd', probs, d_out.astype(probs.dtype))
   dp = jnp.einsum('bkgtd,bksd->bkgts', d_out, v, preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
   ds = (probs.astype(jnp.float32) * (dp - delta) * scale).astype(q.dtype)
-  dq = jnp.einsum('bkgts,bksd->bkgtd', ds, k)
-  dk = jnp.einsum('bkgts,bkgtd->bksd', ds, q)
+  dq = einsum('bkgts,bksd->bkgtd', ds, k)
+  dk = einsum('bkgts,bkgtd->bksd', ds, q)
   return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 

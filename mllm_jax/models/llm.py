@@ -55,12 +55,13 @@ class Attention(nn.Module):
     transposes the cached keys."""
     c = self.cfg
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = L.DenseGeneral((c.heads, c.dim_per_head), ('embed', 'heads', 'head_dim'),
-                       use_bias=c.qkv_bias, name='q_proj', **kw)(x)
-    k = L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
-                       use_bias=c.qkv_bias, name='k_proj', **kw)(x)
-    v = L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
-                       use_bias=c.qkv_bias, name='v_proj', **kw)(x)
+    q, k, v = L.fused_dense(self, 'qkv', [
+        L.DenseGeneral((c.heads, c.dim_per_head), ('embed', 'heads', 'head_dim'),
+                       use_bias=c.qkv_bias, name='q_proj', **kw),
+        L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
+                       use_bias=c.qkv_bias, name='k_proj', **kw),
+        L.DenseGeneral((c.num_kv_heads, c.dim_per_head), ('embed', 'kv_heads', 'head_dim'),
+                       use_bias=c.qkv_bias, name='v_proj', **kw)], x)
     if c.qk_norm:   # Qwen3: RMSNorm over each head's dim, before RoPE
       q = L.RMSNorm(c.norm_eps, name='q_norm', **kw)(q)
       k = L.RMSNorm(c.norm_eps, name='k_norm', **kw)(k)
@@ -93,8 +94,9 @@ class GatedMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = L.Dense(self.mlp_dim, ('embed', 'mlp'), name='gate_proj', **kw)(x)
-    up = L.Dense(self.mlp_dim, ('embed', 'mlp'), name='up_proj', **kw)(x)
+    gate, up = L.fused_dense(self, 'gate_up', [
+        L.Dense(self.mlp_dim, ('embed', 'mlp'), name='gate_proj', **kw),
+        L.Dense(self.mlp_dim, ('embed', 'mlp'), name='up_proj', **kw)], x)
     h = L.constrain(L.ACTIVATIONS[self.act](gate) * up, ('act_batch', 'act_length', 'act_mlp'))
     return L.Dense(self.hidden, ('mlp', 'embed'), name='down_proj', **kw)(h)
 
@@ -215,7 +217,8 @@ class Decoder(nn.Module):
 
   def embed(self, input_ids):
     """[B, T] int -> [B, T, E]."""
-    return L.constrain(self.embed_tokens(input_ids), ('act_batch', 'act_length', 'act_embed'))
+    rows = L.take_rows(self.embed_tokens.embedding, input_ids).astype(self.dtype)
+    return L.constrain(rows, ('act_batch', 'act_length', 'act_embed'))
 
   def hidden_states(self, inputs_embeds, attention_mask=None, positions=None, segment_ids=None,
                     cache=None):
