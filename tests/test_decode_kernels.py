@@ -81,6 +81,21 @@ def test_concurrent_packed_matmuls_are_all_right():
     np.testing.assert_allclose(np.asarray(y), x.astype(np.float64) @ w, rtol=0, atol=2e-6 * 64)
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_packing_kernels_side_by_side_equals_packing_their_concatenation(dtype):
+  """`pack(a, b, c)` (fused projections, each kernel straight into its own panels) gives the
+  panels of the concatenated kernel: odd K, the last kernel's width off the panel width."""
+  rng = np.random.default_rng(3)
+  ws = [jnp.asarray(rng.standard_normal((13, n)), dtype) for n in (64, 32, 40)]
+  together = jax.jit(lambda *w: cpu.pack(*w))(*ws)
+  np.testing.assert_array_equal(np.asarray(together, np.float32),
+                                np.asarray(jax.jit(cpu.pack)(jnp.concatenate(ws, 1)), np.float32))
+  with pytest.raises(ValueError, match='multiple of 32'):
+    cpu.pack(ws[2], ws[0])                                     # 40 columns, then more
+  with pytest.raises(ValueError, match='one K'):
+    cpu.pack(ws[0], ws[1][:12])
+
+
 def test_packed_matmul_shape_errors():
   x = jnp.ones((2, 16))
   with pytest.raises(ValueError, match='packed_matmul'):

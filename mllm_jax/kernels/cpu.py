@@ -131,17 +131,27 @@ def packed_shape(k: int, n: int, dtype) -> tuple[int, int, int]:
   return panels, -(-k // 2), 2 * PANEL
 
 
-def pack(kernel) -> jax.Array:
-  """kernel [K, N] -> its panels (`packed_shape`) in its dtype (N zero-padded to a multiple of
-  32, bf16 K to a multiple of 2)."""
+def pack(*kernels) -> jax.Array:
+  """kernels [K, N_i] -> the panels (`packed_shape`) of their columns side by side, in their
+  dtype (the columns zero-padded to a multiple of 32, bf16 K to a multiple of 2). Every N_i
+  but the last must be a multiple of 32 (each fills whole panels; fused projections are packed
+  without a concatenated copy)."""
   _register()
-  k, n = kernel.shape
+  if not kernels:
+    raise ValueError('pack: no kernels')
+  k = kernels[0].shape[0]
+  widths = [w.shape[1] if w.ndim == 2 else None for w in kernels]
+  if any(w.ndim != 2 or w.shape[0] != k for w in kernels) or any(n % PANEL for n in widths[:-1]):
+    raise ValueError(f'pack: kernels {[w.shape for w in kernels]}: expected [K, N_i] with one K, '
+                     f'every N_i but the last a multiple of {PANEL}')
+  dtype = _dtype(kernels[0], 'pack')
+  if any(jnp.dtype(w.dtype) != dtype for w in kernels):
+    raise ValueError(f'pack: kernels of dtypes {[str(w.dtype) for w in kernels]}: one dtype')
   # a custom call rather than pad + transpose: packing the bench model's LLM weights took
   # 75 ms per generate call that way (~15 batch-1 decode steps' worth of the kernels' gain),
   # 38 ms this way (BENCHMARKS.md)
-  dtype = _dtype(kernel, 'pack')
-  return jax.ffi.ffi_call('mllm_jax_pack', jax.ShapeDtypeStruct(packed_shape(k, n, dtype),
-                                                                dtype))(kernel)
+  return jax.ffi.ffi_call('mllm_jax_pack', jax.ShapeDtypeStruct(
+      packed_shape(k, sum(widths), dtype), dtype))(*kernels)
 
 
 def packed_matmul(x, packed, n: int):

@@ -356,24 +356,46 @@ void pack(ffi::ThreadPool& pool, const T* in, T* out, int64_t K, int64_t N, int6
   });
 }
 
-ffi::Error PackImpl(ffi::ThreadPool pool, ffi::AnyBuffer kernel,
+// packed = the kernels [K, N_i] side by side (their columns concatenated) as panels. Every N_i
+// but the last is a multiple of 32, so each kernel fills whole panels of its own and is packed
+// straight into them (fused projections: no concatenated copy first).
+ffi::Error PackImpl(ffi::ThreadPool pool, ffi::RemainingArgs kernels,
                     ffi::Result<ffi::AnyBuffer> packed) {
-  const auto kd = kernel.dimensions(), pd = packed->dimensions();
-  ffi::DataType type;
-  if (!one_type({kernel.element_type(), packed->element_type()}, &type))
-    return ffi::Error::InvalidArgument("pack: kernel and panels must both be f32 or both bf16");
+  const auto pd = packed->dimensions();
+  const ffi::DataType type = packed->element_type();
   const bool f32 = type == ffi::DataType::F32;
-  if (kd.size() != 2 || pd.size() != 3 || pd[0] != (kd[1] + kPanel - 1) / kPanel ||
-      pd[1] != (f32 ? panel_rows<float>(kd[0]) : panel_rows<bf16>(kd[0])) ||
+  int64_t K = -1, N = 0;
+  std::vector<ffi::AnyBuffer> ins;
+  for (size_t i = 0; i < kernels.size(); ++i) {
+    auto kernel = kernels.get<ffi::AnyBuffer>(i);
+    if (kernel.has_error()) return kernel.error();
+    const auto kd = kernel->dimensions();
+    if (kernel->element_type() != type || (!f32 && type != ffi::DataType::BF16))
+      return ffi::Error::InvalidArgument("pack: kernels and panels must all be f32 or all bf16");
+    if (kd.size() != 2 || (K >= 0 && kd[0] != K) || (N % kPanel != 0))
+      return ffi::Error::InvalidArgument(
+          "pack: kernels must be [K, N_i] with one K, every N_i but the last a multiple of 32");
+    K = kd[0];
+    N += kd[1];
+    ins.push_back(*kernel);
+  }
+  if (ins.empty() || pd.size() != 3 || pd[0] != (N + kPanel - 1) / kPanel ||
+      pd[1] != (f32 ? panel_rows<float>(K) : panel_rows<bf16>(K)) ||
       pd[2] != (f32 ? kPanel : 2 * kPanel))
     return ffi::Error::InvalidArgument(
-        "pack: expected kernel [K, N] -> [ceil(N / 32), K, 32] (f32) / "
-        "[ceil(N / 32), ceil(K / 2), 64] (bf16)");
-  if (f32)
-    pack(pool, kernel.typed_data<float>(), packed->typed_data<float>(), kd[0], kd[1], pd[0]);
-  else
-    pack(pool, kernel.reinterpret_data<bf16>(), packed->reinterpret_data<bf16>(), kd[0], kd[1],
-         pd[0]);
+        "pack: expected kernels [K, N_i] -> [ceil(sum N_i / 32), K, 32] (f32) / "
+        "[ceil(sum N_i / 32), ceil(K / 2), 64] (bf16)");
+  int64_t panel0 = 0;
+  for (auto& in : ins) {
+    const int64_t n = in.dimensions()[1], panels = (n + kPanel - 1) / kPanel;
+    if (f32)
+      pack(pool, in.typed_data<float>(), packed->typed_data<float>() + panel0 * pd[1] * pd[2],
+           K, n, panels);
+    else
+      pack(pool, in.reinterpret_data<bf16>(),
+           packed->reinterpret_data<bf16>() + panel0 * pd[1] * pd[2], K, n, panels);
+    panel0 += panels;
+  }
   return ffi::Error::Success();
 }
 
@@ -780,7 +802,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PackedMatmul, PackedMatmulImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Pack, PackImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
+                                  .RemainingArgs()
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CacheWrite, CacheWriteImpl,

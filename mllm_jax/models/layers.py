@@ -255,11 +255,12 @@ def fused_dense(module: nn.Module, name: str, projections: Sequence[DenseGeneral
   widths = [math.prod(f) for f in features]
   if _packing_pass(module):
     from mllm_jax.kernels import cpu
-    kernel = jnp.concatenate([jnp.reshape(jnp.asarray(params[p.name]['kernel'], dtype),
-                                          (x.shape[-1], w)) for p, w in zip(projections, widths)],
-                             1)
-    module.put_variable(PACKED, name, cpu.pack(kernel))
-    y = contract_trailing(x.astype(dtype), kernel, 1)   # the pass's outputs are dropped
+    kernels = [jnp.reshape(jnp.asarray(params[p.name]['kernel'], dtype), (x.shape[-1], w))
+               for p, w in zip(projections, widths)]
+    whole_panels = all(w % cpu.PANEL == 0 for w in widths[:-1])   # packed side by side as is
+    module.put_variable(PACKED, name, cpu.pack(*kernels) if whole_panels else
+                        cpu.pack(jnp.concatenate(kernels, 1)))
+    y = jnp.zeros(x.shape[:-1] + (sum(widths),), dtype)   # the pass's outputs are dropped
   else:
     y = packed_matmul(x, module.get_variable(PACKED, name), (sum(widths),), 1).astype(dtype)
   outs = []
