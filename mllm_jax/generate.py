@@ -162,8 +162,9 @@ class UnrolledDecoder:
   of the stacked arrays and writes the cache back; on XLA:CPU those copies cost more than the
   step's matmuls, and in bf16 the scanned prefill converts all stacked weights to fp32 and back
   (BENCHMARKS.md). Here the stacked weights are split once per `generate` call and each layer's
-  cache is its own loop-carried buffer that `dynamic_update_slice` updates in place. The price is a second copy of the LLM's layer weights for the duration of the call,
-  which is why `layer_loop='auto'` picks this only on CPU (TPU/GPU fuse the slices).
+  cache is its own loop-carried buffer that `dynamic_update_slice` updates in place. The price
+  is a second copy of the LLM's layer weights for the duration of the call, which is why
+  `layer_loop='auto'` picks this only on CPU (TPU/GPU fuse the slices).
   Numbers are those of the scanned decoder: the same `DecoderBlock` runs on the same weights.
   """
 

@@ -6,7 +6,7 @@
 // (BENCHMARKS.md); these kernels stream them once each, at close to it.
 //
 // PackedMatmul:    y [M, N] = x [M, K] . W, W pre-packed into 32-column panels (Pack, once per
-//   generate call): fp32 [ceil(N / 32), K, 32]; bf16 [ceil(N / 32), ceil(K / 2), 64], rows
+//   generate call; several kernels side by side for fused projections): fp32 [ceil(N / 32), K, 32]; bf16 [ceil(N / 32), ceil(K / 2), 64], rows
 //   k = 2i and 2i + 1 of a column side by side (the operand pairs of AVX-512 BF16's dot).
 //   Each panel is one contiguous stream, read once per call while up to 8 rows x 32 columns of
 //   fp32 accumulators stay in registers (16 AVX-512 registers; GCC vector types keep the
@@ -364,13 +364,15 @@ ffi::Error PackImpl(ffi::ThreadPool pool, ffi::RemainingArgs kernels,
   const auto pd = packed->dimensions();
   const ffi::DataType type = packed->element_type();
   const bool f32 = type == ffi::DataType::F32;
+  if (!f32 && type != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("pack: kernels and panels must all be f32 or all bf16");
   int64_t K = -1, N = 0;
   std::vector<ffi::AnyBuffer> ins;
   for (size_t i = 0; i < kernels.size(); ++i) {
     auto kernel = kernels.get<ffi::AnyBuffer>(i);
     if (kernel.has_error()) return kernel.error();
     const auto kd = kernel->dimensions();
-    if (kernel->element_type() != type || (!f32 && type != ffi::DataType::BF16))
+    if (kernel->element_type() != type)
       return ffi::Error::InvalidArgument("pack: kernels and panels must all be f32 or all bf16");
     if (kd.size() != 2 || (K >= 0 && kd[0] != K) || (N % kPanel != 0))
       return ffi::Error::InvalidArgument(
@@ -455,11 +457,6 @@ inline v16 exp16(v16 x) {
   return lo != 0 ? v16{} : out;
 }
 
-// One query row against the keys and values of one (batch, K/V head), vectorised over the head
-// dim when D is a multiple of 16 (fp32) / 32 (bf16): `partial` gives a slot's score as 16 lanes
-// to sum (transpose_sum sums 16 slots at once), `accumulate` adds p[s] * v[s] over the slots
-// with the sums in registers, 64 dims at a time. bf16 value sums are kept de-interleaved (a
-// 32-dim block's 16 even then 16 odd dims) until `finish`.
 // Pulls a region into L2 a few cache lines per `next()`, interleaved with other work, so the
 // next pass over it finds it there (the attention's compute and its memory stream then
 // overlap instead of alternating).
@@ -472,6 +469,11 @@ struct Prefetch {
   }
 };
 
+// One query row against the keys and values of one (batch, K/V head), vectorised over the head
+// dim when D is a multiple of 16 (fp32) / 32 (bf16): `partial` gives a slot's score as 16 lanes
+// to sum (transpose_sum sums 16 slots at once), `accumulate` adds p[s] * v[s] over the slots
+// with the sums in registers, 64 dims at a time. bf16 value sums are kept de-interleaved (a
+// 32-dim block's 16 even then 16 odd dims) until `finish`.
 struct RowF32 {
   const float* q;
   int64_t D;
