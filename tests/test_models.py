@@ -273,8 +273,7 @@ def test_bf16_matmul_on_cpu_is_the_bf16_dot_in_fp32_output_form():
   loss = lambda f: (lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * jnp.arange(40.0)))
   for a, b in zip(jax.grad(loss(L.matmul), (0, 1))(x, w), jax.grad(loss(jnp.dot), (0, 1))(x, w)):
     assert a.dtype == b.dtype == jnp.bfloat16
-    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                               rtol=2 ** -7, atol=1e-2)
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)     # fp32: the plain dot
   np.testing.assert_array_equal(L.matmul(x32, w32), jnp.dot(x32, w32))
 
