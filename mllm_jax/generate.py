@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import sys
 import types
+import weakref
 from typing import Sequence
 
 import jax
@@ -91,10 +92,15 @@ def diffusion_noise(pixel_values, rng, step: int, num_steps: int = 1000):
 # ----------------------------------------------------------------------------------------------
 # Prefill + decode
 # ----------------------------------------------------------------------------------------------
-def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image_kw, *,
+def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rng, image_kw, *,
               max_new_tokens, cache_len, temperature, top_k, top_p, stop_tokens, pad_token_id,
               vcd_alpha, vcd_beta, vcd_noise_step, layer_loop, decode_kernel):
-  """image_kw: the image inputs besides pixel_values (image_sizes, qformer_*), [B or N, ...]."""
+  """packed: the CPU decode kernels' weights (`UnrolledDecoder.pack`) with
+  decode_kernel='packed', else None. image_kw: the image inputs besides pixel_values
+  (image_sizes, qformer_*), [B or N, ...].
+
+  Token i is chosen from the logits after token i - 1; the loop runs the decode step for tokens
+  0 .. max_new_tokens - 2 only, since nothing reads the logits after the last one."""
   b, t = input_ids.shape
   variables = {'params': params}
   rng, noise_rng = jax.random.split(rng)
@@ -130,14 +136,17 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
 
   def cond(s):
     i, _, _, done, _, _, _ = s
-    return (i < max_new_tokens) & ~jnp.all(done)
+    return (i < max_new_tokens - 1) & ~jnp.all(done)
 
-  def body(s):
-    i, tokens, cache, done, rng, logits, pos = s
+  def emit(s):   # token i from the current logits -> (token, tokens, done, rng)
+    i, tokens, _, done, rng, logits, _ = s
     rng, key = jax.random.split(rng)
     tok = jnp.where(done, pad_token_id, choose(logits, key))
-    tokens = tokens.at[:, i].set(tok)
-    done = done | jnp.isin(tok, stops)
+    return tok, tokens.at[:, i].set(tok), done | jnp.isin(tok, stops), rng
+
+  def body(s):
+    i, _, cache, _, _, _, pos = s
+    tok, tokens, done, rng = emit(s)
     feed = jnp.concatenate([tok, tok], 0) if vcd_alpha > 0 else tok
     if unrolled is None:
       hidden, cache = model.apply(variables, feed[:, None], None, jnp.ones((rows, 1), jnp.int32),
@@ -147,11 +156,11 @@ def _generate(model, params, input_ids, attention_mask, pixel_values, rng, image
     return i + 1, tokens, cache, done, rng, last_logits(hidden), pos + 1
 
   if decode_kernel == 'packed':   # after the prefill, which keeps XLA's dots (many rows)
-    unrolled.pack(cache)
-    head_variables = unrolled.head_variables(hidden[:, -1:])
+    head_variables = unrolled.use_packed(packed)
   init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
           jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
-  return jax.lax.while_loop(cond, body, init)[1]
+  # the last token (pad when every row stopped before it), without a step after it
+  return emit(jax.lax.while_loop(cond, body, init) if max_new_tokens > 1 else init)[1]
 
 
 class UnrolledDecoder:
@@ -179,7 +188,7 @@ class UnrolledDecoder:
     cos, sin = L.rope_cos_sin(jnp.arange(cache_len)[None], L.rope_inv_freq(
         c.llm.dim_per_head, c.llm.rope_theta, c.llm.rope_scaling.as_dict()))
     self.rope = cos[0], sin[0]
-    self.packed = None   # per layer, the `layers.PACKED` collection once `pack` ran
+    self.packed = None   # per layer, the `layers.PACKED` collection (`use_packed`)
     # Per layer, in order: (block module, its weights), from every scanned stack of the plan
     # (a stack of groups holds `block_j` sub-trees; MoE layers are MoE blocks).
     self.layers = []
@@ -213,29 +222,32 @@ class UnrolledDecoder:
     """Token ids [B, T] -> embeddings [B, T, E]."""
     return self.model.apply({'params': self.params}, ids, method=lambda m, i: m.llm.embed(i))
 
-  def pack(self, cache):
-    """Switch the step to the CPU decode kernels (mllm_jax/kernels): every dense kernel of
-    every layer is packed once, here, by a packing pass of each block (`layers.PACKED` mutable)
-    on a dummy decode step whose outputs are dropped (so XLA keeps only the packing); the pass
-    also marks each attention layer for the decode-attention kernel."""
+  def pack(self):
+    """The CPU decode kernels' weights: {'layers': per layer its `layers.PACKED` collection,
+    'head': the final norm + lm_head's variables collection}. Every dense kernel is packed by a
+    packing pass of its module (`layers.PACKED` mutable) on a dummy one-token step whose
+    outputs are dropped, so XLA keeps only the packing; the pass also marks each attention layer
+    for the decode-attention kernel."""
     from mllm_jax.models import layers as L
-    ids = jnp.zeros((cache['filled'].shape[0], 1), jnp.int32)
+    ids = jnp.zeros((1, 1), jnp.int32)
+    cache = self.split_cache(self.model.apply({'params': self.params}, 1, 1,
+                                              method='init_cache'))
     x = self.embed(ids)
     mask, cos, sin, token_mask, _ = self._inputs(jnp.ones_like(ids), ids, cache)
-    packed = []
+    layers = []
     for (block, p), k, v in zip(self.layers, cache['k'], cache['v']):
       _, cols = block.apply({'params': p}, x, mask, cos, sin, token_mask,
                             dict(k=k, v=v, index=cache['index']), mutable=[L.PACKED])
-      packed.append(cols[L.PACKED])
-    self.packed = packed
+      layers.append(cols[L.PACKED])
+    _, head = self.model.apply({'params': self.params}, x, method='logits', mutable=[L.PACKED])
+    return dict(layers=layers, head=head[L.PACKED])
 
-  def head_variables(self, hidden):
-    """The variables for `model.apply(..., method='logits')` with the lm_head packed
-    (hidden [rows, 1, E], a sample input for the packing pass)."""
+  def use_packed(self, packed):
+    """Switch the step to the CPU decode kernels on `pack()`'s weights; returns the variables
+    for `model.apply(..., method='logits')` with the lm_head packed."""
     from mllm_jax.models import layers as L
-    variables = {'params': self.params}
-    _, cols = self.model.apply(variables, hidden, method='logits', mutable=[L.PACKED])
-    return dict(variables, **cols)
+    self.packed = packed['layers']
+    return {'params': self.params, L.PACKED: packed['head']}
 
   def step(self, ids, positions, cache):
     """ids, positions [B, T] -> (final-normed hidden states [B, T, E], cache)."""
@@ -264,6 +276,43 @@ class UnrolledDecoder:
 @functools.lru_cache(maxsize=32)
 def _compiled(model, **static):
   return jax.jit(functools.partial(_generate, model, **static))
+
+
+@functools.lru_cache(maxsize=8)
+def _packer(model):
+  return jax.jit(lambda params: UnrolledDecoder(model, params, 1).pack())
+
+
+class _KeptPacked:
+  """The packed weights of the last params `generate` ran the CPU decode kernels on, for the
+  next call with the same params: packing the bench model's LLM takes 10-30 ms, a few decode
+  steps' worth (BENCHMARKS.md). "Same" is the same jax.Array objects, which are immutable;
+  params holding other arrays (numpy) are packed on every call. The entry goes when any of its
+  arrays is garbage-collected, when other params are packed, or with keep_packed=False."""
+
+  def __init__(self):
+    self.entry = None   # (model, weak references to the params' leaves, packed weights)
+
+  def get(self, model, params, keep: bool):
+    leaves = jax.tree.leaves(params)
+    e = self.entry
+    if keep and e is not None and e[0] == model and len(e[1]) == len(leaves) and all(
+        r() is x for r, x in zip(e[1], leaves)):
+      return e[2]
+    self.entry = None   # (dropped before packing: the old and new copies never coexist)
+    packed = _packer(model)(params)
+    if keep and all(isinstance(x, jax.Array) for x in leaves):
+      token = object()
+
+      def drop(_, token=token):   # a leaf was collected: these params are gone
+        if self.entry is not None and self.entry[3] is token:
+          self.entry = None
+
+      self.entry = (model, [weakref.ref(x, drop) for x in leaves], packed, token)
+    return packed
+
+
+_kept_packed = _KeptPacked()
 
 
 def tokens_per_image(model) -> int:
@@ -382,7 +431,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
              seed: int = 0, cache_len: int | None = None, vcd_alpha: float = 0.0,
              vcd_beta: float = 0.1, vcd_noise_step: int = 500, qformer_input_ids=None,
              qformer_attention_mask=None, image_sizes=None, layer_loop: str = 'auto',
-             decode_kernel: str = 'auto'):
+             decode_kernel: str = 'auto', keep_packed: bool = True):
   """New token ids int32 [B, max_new_tokens] (pad_token_id after a stop token). See module doc.
 
   image_sizes: LLaVA-NeXT's original (height, width) per image, [N, 2] or [B, M, 2].
@@ -396,10 +445,14 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
   layer_loop: 'scan' (decode over the stacked layers), 'unrolled' (per-layer weights and
   caches, split once per call) or 'auto' (unrolled on CPU, scan elsewhere).
   decode_kernel: the decode step's dense layers, lm_head and attention over the KV cache as
-  XLA ops ('xla') or as the CPU decode kernels, on weights packed once per call in the
-  compute dtype ('packed', mllm_jax/kernels: fp32 or bf16 compute, unrolled layers, params on
-  one CPU device); 'auto' picks 'packed' where it applies and the kernels build. Logits differ
-  from XLA's by float rounding only (summation order).
+  XLA ops ('xla') or as the CPU decode kernels, on weights packed in the compute dtype
+  ('packed', mllm_jax/kernels: fp32 or bf16 compute, unrolled layers, params on one CPU
+  device); 'auto' picks 'packed' where it applies and the kernels build. Logits differ from
+  XLA's by float rounding only (summation order).
+  keep_packed: keep the packed weights (a copy of the LLM's weights) after the call, for the
+  next call with the same params (the same jax.Array objects); they are dropped when the params
+  are garbage-collected or other params are packed. False packs for this call only and drops
+  what earlier calls kept.
   """
   input_ids = np.asarray(input_ids, np.int32)
   attention_mask = (np.ones_like(input_ids) if attention_mask is None
@@ -426,7 +479,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
       ('qformer_input_ids', qformer_input_ids),
       ('qformer_attention_mask', qformer_attention_mask),
       ('image_sizes', None if pixel_values is None else image_sizes)) if v is not None}
-  return fn(params, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
+  packed = (_kept_packed.get(model, params, keep_packed) if decode_kernel == 'packed' else None)
+  return fn(params, packed, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
             jax.random.key(seed), image_kw)
 
 

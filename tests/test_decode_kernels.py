@@ -194,8 +194,7 @@ def test_decode_step_with_kernels_equals_xla(variant, dtypes):
     split = dec.split_cache(cache)
     variables = {'params': params}
     if packed:
-      dec.pack(split)
-      variables = dec.head_variables(jnp.zeros((3, 1, c.hidden), compute))
+      variables = dec.use_packed(dec.pack())
       # q / k / v and gate / up each packed side by side as one matmul (layers.fused_dense)
       for layer in dec.packed:
         assert set(layer['attn']) == {'qkv', 'o_proj', 'decode_attention'}

@@ -94,7 +94,9 @@ def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava, monk
   kernels = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='unrolled'))
   np.testing.assert_array_equal(kernels, scan)
   assert len(np.unique(scan)) > 3                    # not one token repeated
-  hlo = compiled[-1].lower(params, *(jnp.asarray(inputs[k]) for k in ('input_ids',
+  packed = gen._packer(model)(params)   # packing runs as its own program (kept across calls)
+  packer_hlo = gen._packer(model).lower(params).compile().as_text()
+  hlo = compiled[-1].lower(params, packed, *(jnp.asarray(inputs[k]) for k in ('input_ids',
                            'attention_mask')), jnp.asarray(inputs['pixel_values'], jnp.float32),
                            jax.random.key(0), {}).compile().as_text()
   llm = params['llm']
@@ -102,7 +104,8 @@ def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava, monk
   for shape in stacked + [llm['embed_tokens']['embedding'].shape]:   # materialised: an
     # instruction of that shape on program values (inside a fusion, operands are its %param_N)
     dims = ','.join(map(str, shape))
-    assert not re.search(rf'= f32\[{dims}\]\{{[0-9,]*\}} \w+\((?!%param_\d)', hlo), shape
+    for program in (hlo, packer_hlo):
+      assert not re.search(rf'= f32\[{dims}\]\{{[0-9,]*\}} \w+\((?!%param_\d)', program), shape
 
 
 def test_stop_tokens_pad_the_rest(llava):
@@ -118,6 +121,72 @@ def test_stop_tokens_pad_the_rest(llava):
     end = hit[0] + 1 if hit.size else len(ref)
     np.testing.assert_array_equal(row[:end], ref[:end])
     assert (row[end:] == -1).all()
+
+
+def test_shorter_runs_are_prefixes_and_the_last_token_takes_no_decode_step(llava):
+  """Token i comes from the logits after token i - 1, so the loop runs max_new_tokens - 1
+  decode steps: a run of n tokens is the first n of a longer run (greedy and sampled, same
+  seed), and with max_new_tokens=1 the compiled program holds no decode step at all."""
+  _, model, params, inputs, _ = llava
+  args = (model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
+  for kw in (dict(), dict(temperature=1.0, top_k=20, seed=3)):
+    long = np.asarray(gen.generate(*args, max_new_tokens=7, **kw))
+    for n in (1, 2, 4):
+      np.testing.assert_array_equal(np.asarray(gen.generate(*args, max_new_tokens=n, **kw)),
+                                    long[:, :n])
+
+  def program(n):
+    compiled, real = [], gen._compiled
+    try:
+      gen._compiled = lambda m, **kw: compiled.append(real(m, **kw)) or compiled[-1]
+      gen.generate(*args, max_new_tokens=n)
+    finally:
+      gen._compiled = real
+    packed = gen._packer(model)(params)
+    return compiled[-1].lower(params, packed, *(jnp.asarray(inputs[k]) for k in (
+        'input_ids', 'attention_mask')), jnp.asarray(inputs['pixel_values'], jnp.float32),
+                              jax.random.key(0), {}).compile().as_text()
+
+  assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
+  assert 'mllm_jax_decode_attention' in program(2)     # the step of token 0
+  assert 'mllm_jax_decode_attention' not in program(1)
+  assert 'mllm_jax_packed_matmul' in program(1)        # the first token's lm_head, as in longer runs
+
+
+def test_packed_weights_are_kept_for_the_same_params_only(llava, monkeypatch):
+  """generate packs the LLM's weights for the CPU decode kernels once per params: a second call
+  with the same arrays reuses them, other params (same shapes, other values) are packed anew
+  and give their own tokens, keep_packed=False keeps nothing, the kept copy goes when the params
+  are collected, and numpy params are never kept (they could change in place)."""
+  import gc
+  _, model, params, inputs, _ = llava
+  packs = []
+  real = gen._packer
+  monkeypatch.setattr(gen, '_packer', lambda m: packs.append(m) or real(m))
+  gen._kept_packed.entry = None
+  run = lambda p, **kw: np.asarray(gen.generate(
+      model, p, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'],
+      max_new_tokens=6, **kw))
+  first = run(params)
+  assert len(packs) == 1 and gen._kept_packed.entry is not None
+  np.testing.assert_array_equal(run(params), first)
+  assert len(packs) == 1                                # reused
+  other = jax.tree.map(lambda x: x * 1.5, params)       # new arrays, new values
+  theirs = run(other)
+  assert len(packs) == 2
+  assert not np.array_equal(theirs, first)
+  np.testing.assert_array_equal(theirs, run(other, keep_packed=False))   # packed afresh
+  assert len(packs) == 3 and gen._kept_packed.entry is None
+  run(other)
+  assert len(packs) == 4 and gen._kept_packed.entry is not None
+  del other
+  gc.collect()
+  assert gen._kept_packed.entry is None                 # the params went, so did their copy
+  host = jax.tree.map(np.asarray, params)
+  np.testing.assert_array_equal(run(host), first)
+  assert len(packs) == 5 and gen._kept_packed.entry is None
+  np.testing.assert_array_equal(run(params), first)
+  assert len(packs) == 6
 
 
 def test_sampling_warpers():
