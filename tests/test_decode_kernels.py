@@ -111,15 +111,16 @@ def test_packed_matmul_shape_errors():
 def test_decode_attention_matches_dot_product_attention(t, d, window, dtype):
   """GQA (4 query heads on 2 K/V heads), left-padded rows, 1 or 3 new tokens, a head dim that
   is / is not a multiple of 16 (fp32) or 32 (bf16), a sliding window, a row with no visible
-  slot at all, 24 slots (a full and a partial block of 16 scores); in fp32, and in bf16 (fp32
-  scores and softmax, probabilities rounded to bf16)."""
+  slot at all, 20 slots of 24 read (a full block of 16 scores with masked slots in it, and a
+  partial one); in fp32, and in bf16 (fp32 scores and softmax, probabilities rounded to
+  bf16)."""
   b, h, hkv, s = 3, 4, 2, 24
   rng = np.random.default_rng(t * 10 + d)
   q = jnp.asarray(rng.standard_normal((b, t, h, d)), dtype)
   k, v = (jnp.asarray(rng.standard_normal((b, hkv, s, d)), dtype) for _ in range(2))
   filled = np.zeros((b, s), bool)
-  filled[0, :12], filled[1, 4:12], filled[2, 9:12] = True, True, True    # left padding
-  index = 12 - t                                  # the new tokens sit at slots [index, 12)
+  filled[0, :20], filled[1, 4:20], filled[2, 9:20] = True, True, True    # left padding
+  index = 20 - t                                  # the new tokens sit at slots [index, 20)
   mask = np.array(L.make_cache_mask(jnp.asarray(filled), index, t, window))
   mask[2, :, 0, :] = False                        # a query that sees nothing
   mask = jnp.asarray(mask)

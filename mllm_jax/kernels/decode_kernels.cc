@@ -457,6 +457,25 @@ inline v16 exp16(v16 x) {
   return lo != 0 ? v16{} : out;
 }
 
+// x where the 16 mask bytes at m are set, kNegInf elsewhere
+inline v16 masked16(v16 x, const bool* m) {
+  typedef uint8_t u8x16 __attribute__((vector_size(16)));
+  typedef int32_t i32x16 __attribute__((vector_size(64)));
+  u8x16 bytes;
+  std::memcpy(&bytes, m, 16);
+  return __builtin_convertvector(bytes, i32x16) != 0 ? x : v16{} + kNegInf;
+}
+
+// 16 floats rounded to T and back (round_to<T> per lane)
+template <typename T> inline v16 round16(v16 x);
+template <> inline v16 round16<float>(v16 x) { return x; }
+template <> inline v16 round16<bf16>(v16 x) {
+  const u32x16 u = reinterpret_cast<u32x16>(x);
+  const u32x16 nan = (u & 0x7fffffffu) > 0x7f800000u;
+  const u32x16 r = (nan ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1)) & 0xffff0000u;
+  return reinterpret_cast<v16>(r);
+}
+
 // Pulls a region into L2 a few cache lines per `next()`, interleaved with other work, so the
 // next pass over it finds it there (the attention's compute and its memory stream then
 // overlap instead of alternating).
@@ -639,13 +658,15 @@ void decode_attention(ffi::ThreadPool& pool, const T* qp, const T* kp, const T* 
           if (rows[r].vec) {
             for (int64_t j = 0; j < 16; ++j)
               parts[j] = j < cnt ? rows[r].partial(ki + (s0 + j) * D) : v16{};
-            const v16 sc = transpose_sum(parts) * scale;
+            v16 sc = transpose_sum(parts) * scale;
+            if (cnt == 16) sc = masked16(sc, mr + s0);
             std::memcpy(pr + s0, &sc, 64);
           } else {
             for (int64_t j = 0; j < cnt; ++j) pr[s0 + j] = rows[r].score(ki + (s0 + j) * D) * scale;
           }
-          for (int64_t j = 0; j < 16; ++j)
-            if (j >= cnt || !mr[s0 + j]) pr[s0 + j] = kNegInf;
+          if (cnt < 16 || !rows[r].vec)   // the last block of slots, or unvectorised rows
+            for (int64_t j = 0; j < 16; ++j)
+              if (j >= cnt || !mr[s0 + j]) pr[s0 + j] = kNegInf;
         }
         v16 mx = v16{} + kNegInf, sum{};
         for (int64_t s = 0; s < n16; s += 16) {
@@ -660,7 +681,10 @@ void decode_attention(ffi::ThreadPool& pool, const T* qp, const T* kp, const T* 
           std::memcpy(pr + s, &e, 64);
         }
         const float total = hsum(sum);
-        for (int64_t s = 0; s < n; ++s) pr[s] = round_to<T>(pr[s] / total);
+        for (int64_t s = 0; s < n16; s += 16) {   // (slots n .. n16 hold 0 and stay 0)
+          const v16 p = round16<T>(load16(pr + s) / total);
+          std::memcpy(pr + s, &p, 64);
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       Prefetch keys;   // the next item's, if this range has one
