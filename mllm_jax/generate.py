@@ -315,6 +315,12 @@ class _KeptPacked:
 _kept_packed = _KeptPacked()
 
 
+def release_packed():
+  """Drop the packed weights `generate` kept for its next call (keep_packed), e.g. before
+  training on the same params: the copy is as large as the LLM's weights."""
+  _kept_packed.entry = None
+
+
 def tokens_per_image(model) -> int:
   """Sequence tokens one image becomes (the connector's output length; for LLaVA-NeXT see
   `image_token_counts`)."""
@@ -451,8 +457,8 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
   XLA's by float rounding only (summation order).
   keep_packed: keep the packed weights (a copy of the LLM's weights) after the call, for the
   next call with the same params (the same jax.Array objects); they are dropped when the params
-  are garbage-collected or other params are packed. False packs for this call only and drops
-  what earlier calls kept.
+  are garbage-collected, other params are packed or `release_packed()` is called. False packs
+  for this call only and drops what earlier calls kept.
   """
   input_ids = np.asarray(input_ids, np.int32)
   attention_mask = (np.ones_like(input_ids) if attention_mask is None

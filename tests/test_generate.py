@@ -186,7 +186,9 @@ def test_packed_weights_are_kept_for_the_same_params_only(llava, monkeypatch):
   np.testing.assert_array_equal(run(host), first)
   assert len(packs) == 5 and gen._kept_packed.entry is None
   np.testing.assert_array_equal(run(params), first)
-  assert len(packs) == 6
+  assert len(packs) == 6 and gen._kept_packed.entry is not None
+  gen.release_packed()
+  assert gen._kept_packed.entry is None
 
 
 def test_sampling_warpers():

@@ -3,6 +3,7 @@ records), two tiny rounds end to end with a user scorer, resumption at round 2 g
 pairs, and the reward-model scorer; for a tiny InstructBLIP policy (its own BERT Q-Former
 tokenizer): two rounds and a resume, the sampled responses and the round's DPO loss checked
 against direct calls with each prompt's instruction, and the reward-model scorer reading it."""
+import json
 import os
 import shutil
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from data_files import build_bert_tokenizer
+from mllm_jax import generate as gen
 from mllm_jax import sharding as shd
 from mllm_jax.config import load_config
 from mllm_jax.data import tokenizer as tok_lib
@@ -81,6 +83,28 @@ def _config(start, **over):
 
 def longer_is_better(prompt, response, sample):
   return float(len(response))
+
+
+def test_sampling_on_one_cpu_device_releases_the_packed_policy(start, monkeypatch):
+  """On one CPU device generate packs the policy's weights for its decode kernels and keeps
+  them between calls; the sampler drops them when it is done, since the policy trains next."""
+  path, _, tok = start
+  config = _config(start)
+  with open(os.path.join(path, pretrained.MODEL_JSON)) as f:
+    mcfg = MLLMConfig.from_dict(json.load(f)['config'])
+  factory = steps.StateFactory(MLLM(mcfg),
+                               shd.make_mesh({'data': 1}, devices=jax.devices()[:1]),
+                               shd.logical_rules('dp'))
+  params = factory.init_params(jax.random.key(1))
+  assert gen._decode_kernel(factory.model, params, 'unrolled', 'auto') == 'packed'
+  packs = []
+  real = gen._kept_packed.get
+  monkeypatch.setattr(gen._kept_packed, 'get', lambda *a: packs.append(real(*a)) or packs[-1])
+  samples = [it.prompt_sample(i, 'train', 0, 16) for i in range(2)]
+  out = it.sample_responses((factory, params), tok, samples, config.iterative,
+                            config.data.image_norm, (0,), factory.model.cfg.image_tokens, k=2)
+  assert [len(r) for r in out] == [2, 2] and packs           # sampled with the packed kernels
+  assert gen._kept_packed.entry is None                      # and released, params alive
 
 
 @pytest.mark.slow
@@ -326,7 +350,6 @@ def test_instructblip_sampling_and_dpo_loss_read_the_instruction(ib_start, ib_ru
   """Round 1's sampled responses are `mllm_jax.generate` given each prompt's question through
   the Q-Former tokenizer (and not what an empty instruction gives); round 1's DPO loss on its
   batch is the hand computation from log-probs with the instruction."""
-  from mllm_jax import generate as gen
   from mllm_jax.data import conversation, images
   path, _, tok, _, qtok = ib_start
   a, hist = ib_run[:2]

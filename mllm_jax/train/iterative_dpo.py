@@ -247,6 +247,7 @@ def sample_responses(policy, tokenizer, samples, it, image_norm: str, seed: tupl
         ends = [j for j, t in enumerate(toks) if t in stops]
         toks = toks[:ends[0]] if ends else toks
         out[i].append(tokenizer.decode(toks, skip_special_tokens=True).strip())
+  gen.release_packed()   # the policy trains next: don't hold a packed copy of its weights
   return out
 
 
