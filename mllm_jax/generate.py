@@ -224,7 +224,7 @@ class UnrolledDecoder:
 
   def pack(self):
     """The CPU decode kernels' weights: {'layers': per layer its `layers.PACKED` collection,
-    'head': the final norm + lm_head's variables collection}. Every dense kernel is packed by a
+    'head': the lm_head's (or tied embedding's)}. Every dense kernel is packed by a
     packing pass of its module (`layers.PACKED` mutable) on a dummy one-token step whose
     outputs are dropped, so XLA keeps only the packing; the pass also marks each attention layer
     for the decode-attention kernel."""
