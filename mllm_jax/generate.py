@@ -119,6 +119,8 @@ def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rn
   unrolled, head_variables = None, variables
   if layer_loop == 'unrolled':
     unrolled = UnrolledDecoder(model, params, cache_len)
+    if decode_kernel == 'packed':   # the prefill's dense layers run on the kernels too
+      head_variables = unrolled.use_packed(packed)
     embeds = model.apply(variables, input_ids, pixel_values, method='embed', **image_kw)
     hidden, cache = unrolled.run(embeds, attention_mask, positions, unrolled.split_cache(cache))
   else:
@@ -155,8 +157,6 @@ def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rn
       hidden, cache = unrolled.step(feed[:, None], pos[:, None], cache)
     return i + 1, tokens, cache, done, rng, last_logits(hidden), pos + 1
 
-  if decode_kernel == 'packed':   # after the prefill, which keeps XLA's dots (many rows)
-    head_variables = unrolled.use_packed(packed)
   init = (jnp.int32(0), jnp.full((b, max_new_tokens), pad_token_id, jnp.int32), cache,
           jnp.zeros((b,), bool), rng, last_logits(hidden), positions[:, -1] + 1)
   # the last token (pad when every row stopped before it), without a step after it
@@ -172,8 +172,9 @@ class UnrolledDecoder:
   step's matmuls, and in bf16 the scanned prefill converts all stacked weights to fp32 and back
   (BENCHMARKS.md). Here the stacked weights are split once per `generate` call and each layer's
   cache is its own loop-carried buffer that `dynamic_update_slice` updates in place. The price
-  is a second copy of the LLM's layer weights for the duration of the call, which is why
-  `layer_loop='auto'` picks this only on CPU (TPU/GPU fuse the slices).
+  is a second copy of the LLM's layer weights for the duration of the call (none with the CPU
+  kernels, whose packed weights replace them), which is why `layer_loop='auto'` picks this only
+  on CPU (TPU/GPU fuse the slices).
   Numbers are those of the scanned decoder: the same `DecoderBlock` runs on the same weights.
   """
 
@@ -450,11 +451,11 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
 
   layer_loop: 'scan' (decode over the stacked layers), 'unrolled' (per-layer weights and
   caches, split once per call) or 'auto' (unrolled on CPU, scan elsewhere).
-  decode_kernel: the decode step's dense layers, lm_head and attention over the KV cache as
-  XLA ops ('xla') or as the CPU decode kernels, on weights packed in the compute dtype
-  ('packed', mllm_jax/kernels: fp32 or bf16 compute, unrolled layers, params on one CPU
-  device); 'auto' picks 'packed' where it applies and the kernels build. Logits differ from
-  XLA's by float rounding only (summation order).
+  decode_kernel: the LLM's dense layers and lm_head (prefill and decode step) and the decode
+  step's attention over the KV cache as XLA ops ('xla') or as the CPU kernels, on weights
+  packed in the compute dtype ('packed', mllm_jax/kernels: fp32 or bf16 compute, unrolled
+  layers, params on one CPU device); 'auto' picks 'packed' where it applies and the kernels
+  build. Logits differ from XLA's by float rounding only (summation order).
   keep_packed: keep the packed weights (a copy of the LLM's weights) after the call, for the
   next call with the same params (the same jax.Array objects); they are dropped when the params
   are garbage-collected, other params are packed or `release_packed()` is called. False packs

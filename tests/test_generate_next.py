@@ -13,6 +13,7 @@ import transformers
 
 from mllm_jax import generate as gen
 from mllm_jax.hf import api
+from mllm_jax.models import layers as L
 from test_generate import hf_generate
 from test_hf import (IMAGE_ID, PINPOINTS, build_llava, images, llava_next_processor,
                      tokenizer)  # noqa: F401 (fixture)
@@ -71,6 +72,19 @@ def test_greedy_equals_transformers_generate_for_images_of_different_sizes(llava
   np.testing.assert_array_equal(ours(model, params, per_sample(inputs), max_new_tokens=10), ref)
   np.testing.assert_array_equal(
       ours(model, params, inputs, max_new_tokens=10, layer_loop='scan'), ref)
+
+
+def test_bf16_kernels_on_a_prefill_longer_than_the_decode_attention_limit(llava_next):
+  """These prompts (35 tokens) are prefilled with the CPU kernels' dense layers and cache
+  write but XLA's attention (over layers.DECODE_ATTENTION_MAX_TOKENS new tokens); in bf16 the
+  unrolled loop with the kernels gives the tokens of the scanned loop on XLA's ops."""
+  _, _, _, inputs, path = llava_next
+  assert inputs['input_ids'].shape[1] > L.DECODE_ATTENTION_MAX_TOKENS
+  model, params = api.load_hf(str(path), dtype=jnp.bfloat16)
+  assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
+  scan = ours(model, params, inputs, max_new_tokens=10, layer_loop='scan')
+  np.testing.assert_array_equal(ours(model, params, inputs, max_new_tokens=10), scan)
+  assert len(np.unique(scan)) > 3
 
 
 def test_vcd_noises_the_tiles_and_keeps_the_sizes(llava_next):

@@ -123,8 +123,8 @@ def _take_bf16_rows_bwd(res, g):
 _take_bf16_rows.defvjp(_take_bf16_rows_fwd, _take_bf16_rows_bwd)
 
 
-# generate's CPU decode kernel (mllm_jax/kernels/cpu.py): a variable collection holding each
-# dense kernel packed into column panels, filled by one packing pass per `generate` call.
+# generate's CPU kernels (mllm_jax/kernels/cpu.py): a variable collection holding each dense
+# kernel packed into column panels, filled by a packing pass (once per params: generate keeps it).
 PACKED = 'decode_packed'
 
 
@@ -137,8 +137,8 @@ def decode_packed(module: nn.Module, name: str, kernel_2d: Callable[[], jax.Arra
   """The packed panels of `module`'s [K, N] kernel for the CPU decode kernel, or None.
 
   In generate's packing pass (`PACKED` mutable) the panels are made from `kernel_2d()` and
-  stored, and None is returned (the pass itself computes nothing that is kept); in its decode
-  step (`PACKED` given) they are returned; anywhere else there are none (XLA's dot).
+  stored, and None is returned (the pass itself computes nothing that is kept); in its prefill
+  and decode step (`PACKED` given) they are returned; anywhere else there are none (XLA's dot).
   """
   if _packing_pass(module):
     from mllm_jax.kernels import cpu
@@ -148,8 +148,8 @@ def decode_packed(module: nn.Module, name: str, kernel_2d: Callable[[], jax.Arra
 
 
 def decode_kernel_on(module: nn.Module, name: str) -> bool:
-  """Whether `module` runs in generate's decode step with the CPU decode kernels (generate's
-  packing pass records `name` for it; only the step then passes it)."""
+  """Whether `module` runs in generate's prefill / decode step with the CPU kernels (generate's
+  packing pass records `name` for it; only those then pass it)."""
   if _packing_pass(module):
     module.put_variable(PACKED, name, jnp.ones((), bool))
     return False
@@ -162,11 +162,17 @@ def cache_write(cache, new, index):
 
 
 def decode_cache_write(cache, new, index):
-  """`cache_write` in generate's CPU decode step: a custom call that updates the cache in place
+  """`cache_write` with generate's CPU kernels: a custom call that updates the cache in place
   (XLA:CPU runs a bf16 dynamic_update_slice in fp32, converting the whole cache up and back:
   5.6 ms of a 14.9 ms profiled bf16 batch-8 step on the bench model, BENCHMARKS.md)."""
   from mllm_jax.kernels import cpu
   return cpu.cache_write(cache, new, index)
+
+
+# New tokens per row up to which generate's CPU kernels run the attention (its decode steps);
+# a prefill of more runs XLA's batched matmuls, as fast or faster at the bench model's 256
+# tokens and not limited to one query row's pass over the values at a time (BENCHMARKS.md).
+DECODE_ATTENTION_MAX_TOKENS = 16
 
 
 def decode_attention(q, k, v, mask, dtype=jnp.float32):
@@ -238,7 +244,8 @@ def fused_dense(module: nn.Module, name: str, projections: Sequence[DenseGeneral
   """[p(x) for p in projections]: DenseGeneral submodules of `module` on one input x [..., K]
   (in_axes=-1), e.g. q / k / v or gate / up.
 
-  In generate's CPU decode step they run as one packed matmul over their kernels side by side
+  With generate's CPU kernels (prefill, decode step) they run as one packed matmul over their
+  kernels side by side
   (packed once, as `name`): one weight stream instead of several, ~10% faster on the bench
   model's projections (BENCHMARKS.md). Each output column is the same dot product either way,
   so the results are those of the separate projections. Anywhere else each runs as itself.

@@ -74,8 +74,8 @@ class Attention(nn.Module):
       k = write(kv['k'], k.transpose(0, 2, 1, 3), kv['index'])
       v = write(kv['v'], v.transpose(0, 2, 1, 3), kv['index'])
       kv = dict(k=k, v=v, index=kv['index'])
-    if kernels:
-      out = L.decode_attention(q, k, v, mask, self.dtype)    # generate's CPU decode step
+    if kernels and x.shape[1] <= L.DECODE_ATTENTION_MAX_TOKENS:   # generate's CPU decode step
+      out = L.decode_attention(q, k, v, mask, self.dtype)
     else:
       out = L.dot_product_attention(q, k, v, mask, impl=self.impl, dtype=self.dtype,
                                     causal_blocks=self.blocks, kv_heads_first=kv is not None)
