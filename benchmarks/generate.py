@@ -8,7 +8,9 @@ The bench model of benchmarks/train_step.py (benchmarks/common.py) is built in t
 (LlavaForConditionalGeneration, fp32, sdpa attention), saved with save_pretrained and loaded
 into mllm_jax with mllm_jax.load_hf, so both decode the same weights; prompts are BOS + 196
 image tokens + text (256 tokens), greedy, no stop token, in one process with the same threads.
-Prefill time = a run with max_new_tokens=1; decode tokens/s = batch x (N - 1) / median over
+Prefill time = a run with max_new_tokens=1 (the prompt and the first token, no decode step;
+the CPU kernels' packed weights are kept from the warm-up calls, as in any loop of generate
+calls with the same params: generate's keep_packed); decode tokens/s = batch x (N - 1) / median over
 repeats of (time(N) - time(1)), both timed back to back in each repeat, frameworks in turn;
 each turn starts with --settle untimed calls (alternately 1 and N new tokens), since the first
 calls after the other framework ran are slow ones a generation server never sees.
