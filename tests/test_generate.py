@@ -44,6 +44,22 @@ def llava(tmp_path_factory, tokenizer):
   return hf, model, params, inputs, path
 
 
+def generate_hlo(model, params, inputs, **kw):
+  """The compiled text of the program `generate(model, params, inputs..., **kw)` runs, with
+  the packed weights it is given (the packer's program is separate)."""
+  compiled, real = [], gen._compiled
+  try:
+    gen._compiled = lambda m, **static: compiled.append(real(m, **static)) or compiled[-1]
+    gen.generate(model, params, inputs['input_ids'], inputs['attention_mask'],
+                 inputs['pixel_values'], **kw)
+  finally:
+    gen._compiled = real
+  packed = gen._packer(model)(params)
+  return compiled[-1].lower(params, packed, *(jnp.asarray(inputs[k]) for k in (
+      'input_ids', 'attention_mask')), jnp.asarray(inputs['pixel_values'], jnp.float32),
+                            jax.random.key(0), {}).compile().as_text()
+
+
 def hf_generate(hf, inputs, n, eos=None):
   with torch.no_grad():
     out = hf.generate(**{k: torch.tensor(v) for k, v in inputs.items()}, max_new_tokens=n,
@@ -77,7 +93,7 @@ def test_scanned_and_unrolled_layer_loops_agree(llava):
     gen.generate(*args, max_new_tokens=2, layer_loop='loop')
 
 
-def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava, monkeypatch):
+def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava):
   """bf16 on CPU: the unrolled loop with the decode kernels (bf16 panels and attention, the
   in-place cache write carried through the loop, the greedy kernel) and the prefill on the
   unrolled layers gives the tokens of the scanned loop on XLA's ops, with left padding and
@@ -88,17 +104,11 @@ def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava, monk
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
   args = (model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
   scan = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='scan'))
-  compiled, real = [], gen._compiled
-  monkeypatch.setattr(gen, '_compiled', lambda m, **kw: compiled.append(real(m, **kw)) or
-                      compiled[-1])
   kernels = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='unrolled'))
   np.testing.assert_array_equal(kernels, scan)
   assert len(np.unique(scan)) > 3                    # not one token repeated
-  packed = gen._packer(model)(params)   # packing runs as its own program (kept across calls)
-  packer_hlo = gen._packer(model).lower(params).compile().as_text()
-  hlo = compiled[-1].lower(params, packed, *(jnp.asarray(inputs[k]) for k in ('input_ids',
-                           'attention_mask')), jnp.asarray(inputs['pixel_values'], jnp.float32),
-                           jax.random.key(0), {}).compile().as_text()
+  hlo = generate_hlo(model, params, inputs, max_new_tokens=12, layer_loop='unrolled')
+  packer_hlo = gen._packer(model).lower(params).compile().as_text()   # its own program
   llm = params['llm']
   stacked = [x.shape for x in jax.tree.leaves(llm['layers']) if x.ndim > 2]
   for shape in stacked + [llm['embed_tokens']['embedding'].shape]:   # materialised: an
@@ -134,19 +144,7 @@ def test_shorter_runs_are_prefixes_and_the_last_token_takes_no_decode_step(llava
     for n in (1, 2, 4):
       np.testing.assert_array_equal(np.asarray(gen.generate(*args, max_new_tokens=n, **kw)),
                                     long[:, :n])
-
-  def program(n):
-    compiled, real = [], gen._compiled
-    try:
-      gen._compiled = lambda m, **kw: compiled.append(real(m, **kw)) or compiled[-1]
-      gen.generate(*args, max_new_tokens=n)
-    finally:
-      gen._compiled = real
-    packed = gen._packer(model)(params)
-    return compiled[-1].lower(params, packed, *(jnp.asarray(inputs[k]) for k in (
-        'input_ids', 'attention_mask')), jnp.asarray(inputs['pixel_values'], jnp.float32),
-                              jax.random.key(0), {}).compile().as_text()
-
+  program = lambda n: generate_hlo(model, params, inputs, max_new_tokens=n)
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
   # every layer writes its keys and values once in the prefill, and once in the decode step
   writes = lambda hlo: hlo.count('custom_call_target="mllm_jax_cache_write"')
