@@ -257,8 +257,8 @@ class UnrolledDecoder:
   def run(self, embeds, attention_mask, positions, cache):
     """New tokens' embeddings [B, T, E], attention_mask, positions [B, T] -> (final-normed
     hidden states [B, T, E], cache): the LLM's `hidden_states` with a cache, layer by layer.
-    The prefill runs here too: the scanned layers' per-layer slices of bf16 weights are
-    converted to fp32 and back by XLA:CPU (all LLM weights, every call; BENCHMARKS.md)."""
+    The prefill runs here too: in the scanned layers XLA:CPU converts the per-layer slices of
+    bf16 weights to fp32 and back (all LLM weights, every call; BENCHMARKS.md)."""
     from mllm_jax.models import layers as L
     mask, cos, sin, token_mask, filled = self._inputs(attention_mask, positions, cache)
     x = embeds.astype(self.model.cfg.compute_dtype)
@@ -292,7 +292,9 @@ class _KeptPacked:
   arrays is garbage-collected, when other params are packed, or with keep_packed=False."""
 
   def __init__(self):
-    self.entry = None   # (model, weak references to the params' leaves, packed weights)
+    # (model, weak references to the params' leaves, packed weights, token): the token tells a
+    # collected leaf's callback whether the entry is still the one it was made for
+    self.entry = None
 
   def get(self, model, params, keep: bool):
     leaves = jax.tree.leaves(params)

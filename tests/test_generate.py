@@ -163,7 +163,7 @@ def test_packed_weights_are_kept_for_the_same_params_only(llava, monkeypatch):
   packs = []
   real = gen._packer
   monkeypatch.setattr(gen, '_packer', lambda m: packs.append(m) or real(m))
-  gen._kept_packed.entry = None
+  gen.release_packed()
   run = lambda p, **kw: np.asarray(gen.generate(
       model, p, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'],
       max_new_tokens=6, **kw))
