@@ -18,6 +18,8 @@ Runs re-exec with glibc.malloc.hugetlb=1 like the training CLI (`--no-hugepages`
 Each batch also prints its decode step's memory roofline: the bytes a step must read (the LLM
 weights it multiplies and the KV cache) at the read bandwidth measured in the run, the ratio to
 transformers that reading alone allows, and the fraction of it our step reaches.
+Batch 8 also prints the decode kernel's 8-row arithmetic rate (its multiply-adds on weights
+already in L2) and what the step's matmuls need of it.
 Last line (batch 8):
     decode_tokens_per_s=<x> transformers_decode_tokens_per_s=<x> ratio=<x>
 """
@@ -45,6 +47,32 @@ def timed(fn, repeats):
   """Median seconds of `repeats` calls after a warm-up call."""
   fn()
   return statistics.median(stopwatch(fn) for _ in range(repeats))
+
+
+def kernel_arithmetic(dtype):
+  """Weight bytes per second the CPU decode kernel's 8-row tile multiplies when its panels come
+  from L2, or None without the kernels: a 64-row call passes over each panel 8 times, the last
+  7 from L2, so 7 x bytes / (time(64 rows) - time(8 rows)) on the bench model's lm_head shape."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from mllm_jax.kernels import cpu
+  if jax.default_backend() != 'cpu' or not cpu.available():
+    return None
+  rng = np.random.default_rng(0)
+  k, n = 512, 32000
+  packed = cpu.pack(jnp.asarray(rng.standard_normal((k, n)) * 0.02, dtype))
+  mm = jax.jit(lambda x, p: cpu.packed_matmul(x, p, n))
+  xs = {m: jnp.asarray(rng.standard_normal((m, k)), dtype) for m in (8, 64)}
+  times = {m: [] for m in xs}
+  for m in xs:
+    mm(xs[m], packed).block_until_ready()
+  for _ in range(15):
+    for m in xs:
+      times[m].append(stopwatch(lambda: mm(xs[m], packed).block_until_ready()))
+  # fastest of each: a ceiling, and a moment when the machine's other work held a core (calls at
+  # half speed are seen) only slows a call
+  return 7 * packed.nbytes / (min(times[64]) - min(times[8]))
 
 
 def main(argv=None):
@@ -102,6 +130,7 @@ def main(argv=None):
         f'{weight_bytes / 1e6:.0f} MB -> at most {bandwidth / weight_bytes:.0f} steps/s '
         f'(memory roofline, before the KV cache)', flush=True)
   del big
+  arithmetic = kernel_arithmetic(args.dtype)
   results = {}
   for batch in (1, 8):
     b = common.make_batch(batch=batch, seq=PROMPT_LEN, seed=1)
@@ -169,6 +198,17 @@ def main(argv=None):
           f'{kv_bytes / 1e6:.0f} MB) -> {floor * 1e3:.1f} ms at {bandwidth / 1e9:.1f} GB/s, a ratio '
           f'of at most {theirs_step / floor:.2f}; ours at {floor / ours_step:.0%} of it',
           flush=True)
+    if batch == 8 and arithmetic:
+      # The matmuls' 8-row arithmetic (16 FMAs per 128 B of fp32 weights, the same per byte in
+      # bf16) also takes time: the step needs `compute` of it with free reads, floor + compute
+      # if reads and arithmetic did not overlap at all; where ours sits between the two says how
+      # much they overlap.
+      compute = weight_bytes / arithmetic
+      print(f'batch 8 arithmetic: the packed matmul does 8 rows at {arithmetic / 1e9:.0f} GB/s of '
+            f'weights from L2 -> {compute * 1e3:.1f} ms of the step even with free reads; reads '
+            f'and arithmetic without overlap {(floor + compute) * 1e3:.1f} ms (a ratio of '
+            f'{theirs_step / (floor + compute):.2f}); ours at {ours_step * 1e3:.1f} ms',
+            flush=True)
     results[batch] = row
   r = results[8]
   print(f'decode_tokens_per_s={r["mllm_jax"]["decode"]:.1f} '
