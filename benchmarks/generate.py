@@ -49,10 +49,10 @@ def timed(fn, repeats):
   return statistics.median(stopwatch(fn) for _ in range(repeats))
 
 
-def kernel_arithmetic(dtype):
+def kernel_arithmetic(k, n, dtype):
   """Weight bytes per second the CPU decode kernel's 8-row tile multiplies when its panels come
   from L2, or None without the kernels: a 64-row call passes over each panel 8 times, the last
-  7 from L2, so 7 x bytes / (time(64 rows) - time(8 rows)) on the bench model's lm_head shape."""
+  7 from L2, so 7 x bytes / (time(64 rows) - time(8 rows)) on a [k, n] kernel."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -60,7 +60,6 @@ def kernel_arithmetic(dtype):
   if jax.default_backend() != 'cpu' or not cpu.available():
     return None
   rng = np.random.default_rng(0)
-  k, n = 512, 32000
   packed = cpu.pack(jnp.asarray(rng.standard_normal((k, n)) * 0.02, dtype))
   mm = jax.jit(lambda x, p: cpu.packed_matmul(x, p, n))
   xs = {m: jnp.asarray(rng.standard_normal((m, k)), dtype) for m in (8, 64)}
@@ -130,7 +129,8 @@ def main(argv=None):
         f'{weight_bytes / 1e6:.0f} MB -> at most {bandwidth / weight_bytes:.0f} steps/s '
         f'(memory roofline, before the KV cache)', flush=True)
   del big
-  arithmetic = kernel_arithmetic(args.dtype)
+  c = model.cfg.llm
+  arithmetic = kernel_arithmetic(c.hidden, c.vocab_size, args.dtype)   # the lm_head's shape
   results = {}
   for batch in (1, 8):
     b = common.make_batch(batch=batch, seq=PROMPT_LEN, seed=1)
@@ -188,7 +188,6 @@ def main(argv=None):
     # The step's memory roofline: every weight it multiplies plus the KV cache up to the slots
     # it attends to (PROMPT_LEN + 1 .. PROMPT_LEN + n - 1 over the timed steps), at this run's
     # read bandwidth; the ratio to transformers' step that reading alone would allow.
-    c = model.cfg.llm
     kv_bytes = (2 * c.depth * batch * c.num_kv_heads * c.dim_per_head * jnp.dtype(args.dtype).itemsize
                 * (PROMPT_LEN + n / 2))
     floor = (weight_bytes + kv_bytes) / bandwidth

@@ -2,9 +2,10 @@
 
 `packed_matmul(x, packed, n)` is `x @ kernel` for the few rows of a decode step (and the
 prefill's many), with the kernel packed by `pack` (once per params: generate keeps it);
-`decode_attention(q, k, v, mask, scale)` is the step's attention over the KV cache, `cache_write` its in-place cache update and
-`greedy_token` its argmax (decode_kernels.cc says why and how). They run in fp32 or in bf16
-(bf16 data, fp32 sums, as XLA:CPU computes bf16 dots).
+`decode_attention(q, k, v, mask, scale)` is the step's attention over the KV cache,
+`cache_write` its in-place cache update and `greedy_token` its argmax (decode_kernels.cc says
+why and how). They run in fp32 or in bf16 (bf16 data, fp32 sums, as XLA:CPU computes bf16
+dots).
 
 The shared library is compiled with the machine's C++ compiler (`$CXX`, else `c++` / `g++`) for
 this CPU (`-march=native`) against the FFI headers jaxlib ships, and cached under

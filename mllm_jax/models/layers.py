@@ -246,8 +246,9 @@ def fused_dense(module: nn.Module, name: str, projections: Sequence[DenseGeneral
 
   With generate's CPU kernels (prefill, decode step) they run as one packed matmul over their
   kernels side by side (packed once, as `name`): one weight stream instead of several, ~10%
-  faster on the bench model's projections (BENCHMARKS.md). Each output column is the same dot product either way,
-  so the results are those of the separate projections. Anywhere else each runs as itself.
+  faster on the bench model's projections (BENCHMARKS.md). Each output column is the same dot
+  product either way, so the results are those of the separate projections. Anywhere else each
+  runs as itself.
   """
   if not (_packing_pass(module) or module.has_variable(PACKED, name)):
     return [p(x) for p in projections]
