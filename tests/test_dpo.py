@@ -122,7 +122,6 @@ def test_precomputed_reference_equals_in_step_reference_and_accumulation(setup):
   assert m_model['rewards/chosen'] != 0 and 0 <= m_model['rewards/accuracies'] <= 1
 
 
-@pytest.mark.slow
 def test_same_dpo_step_on_1_and_8_devices(setup):
   model, task = setup
   m1, p1 = _run(model, task, mesh1())

@@ -126,8 +126,6 @@ def assert_same_run(workdir, reference):
   np.testing.assert_array_equal(np.array(lines)[:, 1:], np.array(reference)[:, 1:])
 
 
-# multi-process, 19 s; SIGTERM save-and-resume-exactly stays in the default run
-@pytest.mark.slow
 def test_kill_9_mid_save_resumes_exactly(tmp_path, env, tokenizer_dir, reference):
   w = new_workdir(tmp_path, tokenizer_dir, 'w')
   # kill -9 while the checkpoint of step 4 is half-written (held open by the test hook), after

@@ -319,7 +319,7 @@ def train_setup(model, mesh, params=None):
           steps.make_train_step(model, tx, mask), tx, mask)
 
 
-@pytest.mark.parametrize('impl', [pytest.param('dropless', marks=pytest.mark.slow), 'capacity'])
+@pytest.mark.parametrize('impl', ['dropless', 'capacity'])
 def test_moe_train_step_same_on_1_and_8_devices_with_expert_parallelism(impl):
   from test_train import assert_grads_close, grads_of_step, make_batch, mesh1
   batch = {k: v for k, v in make_batch().items() if k != 'pixel_values'}
@@ -450,7 +450,6 @@ def test_moe_model_learns_through_the_train_step():
   assert float(metrics['moe/aux_loss']) < 2.2 and float(metrics['moe/dropped_fraction']) < 0.1
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize('every,dense_layers', [(2, ()), (1, (0,))])
 def test_kv_cache_decode_equals_full_forward_with_moe_stacks(every, dense_layers):
   """Prefill + token-by-token decode through stacks of groups / runs gives the full forward's

@@ -115,7 +115,6 @@ def test_same_reward_step_on_1_and_8_devices_and_with_accumulation(setup):
   np.testing.assert_allclose(m1['rewards/chosen'], rc.mean(), rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_non_finite_reward_step_leaves_the_state_unchanged(setup):
   """A NaN margin makes the loss NaN: the step keeps params (steps.guarded_update) and says so."""
   model, task, _ = setup

@@ -249,7 +249,7 @@ def test_every_parameter_has_logical_axis_names():
     assert len(leaf.names) == leaf.value.ndim, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize('policy', ['full', pytest.param('dots_no_batch', marks=pytest.mark.slow)])
+@pytest.mark.parametrize('policy', ['full', 'dots_no_batch'])
 def test_remat_policies_do_not_change_gradients(policy, reference):
   import dataclasses
   batch = make_batch()
