@@ -12,8 +12,8 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 os.environ.setdefault('TOKENIZERS_PARALLELISM', 'false')
 # One persistent XLA compilation cache per test session, in a fresh directory (made by the
 # pytest-xdist controller and inherited by its workers, and by the CLI and multi-process runs
-# the tests start): the many tests that build the same tiny models
-# compile each program once (4 test files: 217 -> 182 s). Tests that set their own keep theirs.
+# the tests start): the many tests that build the same tiny models compile each program once
+# (4 test files: 217 -> 182 s). Tests that set their own keep theirs.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mllm_jax_xla_')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], True)
