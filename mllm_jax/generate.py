@@ -25,6 +25,7 @@ CLI: `python -m mllm_jax.generate --checkpoint WORKDIR --image IMG --prompt "...
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 import types
@@ -472,6 +473,7 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
   if layer_loop not in ('scan', 'unrolled'):
     raise ValueError(f"layer_loop={layer_loop!r}: expected 'auto', 'scan' or 'unrolled'")
   decode_kernel = _decode_kernel(model, params, layer_loop, decode_kernel)
+  model = _vision_loop(model, layer_loop)
   _check_inputs(model, input_ids, attention_mask, pixel_values, max_new_tokens, cache_len,
                 image_sizes)
   if vcd_alpha > 0 and pixel_values is None:
@@ -491,6 +493,18 @@ def generate(model, params, input_ids, attention_mask=None, pixel_values=None, *
   packed = (_kept_packed.get(model, params, keep_packed) if decode_kernel == 'packed' else None)
   return fn(params, packed, jnp.asarray(input_ids), jnp.asarray(attention_mask), pixel_values,
             jax.random.key(seed), image_kw)
+
+
+def _vision_loop(model, layer_loop: str):
+  """The model with its vision tower unrolled (`MLLMConfig.vision_layer_loop`) when the LLM
+  loop is unrolled and the compute dtype is bf16: XLA:CPU's scanned bf16 tower converts the
+  stacked weights to fp32 and back, ~28% of a batch-1 tower (BENCHMARKS.md, session 10); in
+  fp32 the two loops take the same time, so the scan stays."""
+  c = model.cfg
+  if (layer_loop == 'unrolled' and c.vision is not None and c.vision_layer_loop == 'scan'
+      and c.compute_dtype == jnp.bfloat16):
+    return type(model)(dataclasses.replace(c, vision_layer_loop='unrolled'))
+  return model
 
 
 def _decode_kernel(model, params, layer_loop: str, choice: str) -> str:

@@ -1,5 +1,6 @@
 """Generation: greedy decoding equals transformers' `generate`, sampling warpers, VCD check
 values, 1 vs 8 devices, bad-input errors, and the CLI on an HF directory."""
+import dataclasses
 import io
 import contextlib
 import json
@@ -97,22 +98,28 @@ def test_bf16_decode_kernels_give_the_tokens_of_the_scanned_xla_loop(llava):
   """bf16 on CPU: the unrolled loop with the decode kernels (bf16 panels and attention, the
   in-place cache write carried through the loop, the greedy kernel) and the prefill on the
   unrolled layers gives the tokens of the scanned loop on XLA's ops, with left padding and
-  images; and the compiled program holds no fp32 copy of the LLM's stacked weights or of the
-  vocabulary (XLA:CPU's bf16 dynamic slices and gathers make them: layers.take_rows)."""
+  images (the vision tower unrolled in both: bf16 rounds its scanned and unrolled loops
+  differently); and the compiled program holds no fp32 copy of the LLM's or the vision tower's
+  stacked weights or of the vocabulary (XLA:CPU's bf16 dynamic slices and gathers make them:
+  layers.take_rows; `generate` unrolls a bf16 vision tower, `_vision_loop`)."""
   _, _, _, inputs, path = llava
   model, params = mllm_jax.load_hf(str(path), dtype=jnp.bfloat16)
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
-  args = (model, params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
-  scan = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='scan'))
-  kernels = np.asarray(gen.generate(*args, max_new_tokens=12, layer_loop='unrolled'))
+  assert gen._vision_loop(model, 'unrolled').cfg.vision_layer_loop == 'unrolled'
+  assert gen._vision_loop(model, 'scan') is model
+  unrolled_tower = type(model)(dataclasses.replace(model.cfg, vision_layer_loop='unrolled'))
+  args = (params, inputs['input_ids'], inputs['attention_mask'], inputs['pixel_values'])
+  scan = np.asarray(gen.generate(unrolled_tower, *args, max_new_tokens=12, layer_loop='scan'))
+  kernels = np.asarray(gen.generate(model, *args, max_new_tokens=12, layer_loop='unrolled'))
   np.testing.assert_array_equal(kernels, scan)
   assert len(np.unique(scan)) > 3                    # not one token repeated
   hlo = generate_hlo(model, params, inputs, max_new_tokens=12, layer_loop='unrolled')
   packer_hlo = gen._packer(model).lower(params).compile().as_text()   # its own program
   llm = params['llm']
   stacked = [x.shape for x in jax.tree.leaves(llm['layers']) if x.ndim > 2]
-  for shape in stacked + [llm['embed_tokens']['embedding'].shape]:   # materialised: an
-    # instruction of that shape on program values (inside a fusion, operands are its %param_N)
+  vision = [x.shape for x in jax.tree.leaves(params['vision']['layers']) if x.ndim > 2]
+  for shape in stacked + vision + [llm['embed_tokens']['embedding'].shape]:   # materialised:
+    # an instruction of that shape on program values (inside a fusion, operands are its %param_N)
     dims = ','.join(map(str, shape))
     for program in (hlo, packer_hlo):
       assert not re.search(rf'= f32\[{dims}\]\{{[0-9,]*\}} \w+\((?!%param_\d)', program), shape

@@ -3,6 +3,7 @@ different sizes (flat and per-sample layouts, left padding), VCD's noised branch
 clear errors for missing sizes / wrong token counts / too few tiles, and the CLI on an HF
 directory against transformers' processor + generate."""
 import contextlib
+import dataclasses
 import io
 
 import jax
@@ -77,12 +78,14 @@ def test_greedy_equals_transformers_generate_for_images_of_different_sizes(llava
 def test_bf16_kernels_on_a_prefill_longer_than_the_decode_attention_limit(llava_next):
   """These prompts (35 tokens) are prefilled with the CPU kernels' dense layers and cache
   write but XLA's attention (over layers.DECODE_ATTENTION_MAX_TOKENS new tokens); in bf16 the
-  unrolled loop with the kernels gives the tokens of the scanned loop on XLA's ops."""
+  unrolled loop with the kernels gives the tokens of the scanned loop on XLA's ops (with the
+  vision tower unrolled in both, as generate runs it for bf16)."""
   _, _, _, inputs, path = llava_next
   assert inputs['input_ids'].shape[1] > L.DECODE_ATTENTION_MAX_TOKENS
   model, params = api.load_hf(str(path), dtype=jnp.bfloat16)
   assert gen._decode_kernel(model, params, 'unrolled', 'auto') == 'packed'
-  scan = ours(model, params, inputs, max_new_tokens=10, layer_loop='scan')
+  tower = type(model)(dataclasses.replace(model.cfg, vision_layer_loop='unrolled'))
+  scan = ours(tower, params, inputs, max_new_tokens=10, layer_loop='scan')
   np.testing.assert_array_equal(ours(model, params, inputs, max_new_tokens=10), scan)
   assert len(np.unique(scan)) > 3
 

@@ -192,6 +192,27 @@ def test_vit_feature_layer_skips_later_layers_and_selects_tokens():
   np.testing.assert_allclose(VisionEncoder(cfg_patch).apply({'params': p3}, x), out3[:, 1:], atol=1e-6)
 
 
+@pytest.mark.parametrize('feature_layer', [-2, (1, -2)])
+def test_unrolled_vision_layers_equal_the_scan(feature_layer):
+  """layer_loop='unrolled' (generate's bf16 tower) runs the scanned stack's weights layer by
+  layer: the same features and pooled output in fp32, within bf16 rounding in bf16."""
+  cfg = VisionConfig(kind='clip', image_size=16, patch_size=8, width=16, depth=3, heads=2,
+                     mlp_dim=32, feature_layer=feature_layer, feature_select='full')
+  x = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
+  p = unbox(VisionEncoder(cfg).init(jax.random.key(0), x))['params']
+  for dtype, atol in ((jnp.float32, 0), (jnp.bfloat16, 0.05)):
+    pd = jax.tree.map(lambda a: a.astype(dtype), p)
+    scan, unrolled = (VisionEncoder(cfg, dtype=dtype, param_dtype=dtype, layer_loop=loop)
+                      for loop in ('scan', 'unrolled'))
+    for method in ('__call__', 'pooled'):
+      a, b = (jax.jit(lambda p, x, m=m: m.apply({'params': p}, x, method=method))(pd, x)
+              for m in (scan, unrolled))
+      assert a.shape == b.shape and a.dtype == b.dtype == dtype
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=atol)
+  with pytest.raises(ValueError, match='vision_layer_loop'):
+    VisionEncoder(cfg, layer_loop='loop').apply({'params': p}, x)
+
+
 def test_siglip_variant_has_no_class_token_and_conv_bias():
   cfg = VisionConfig(kind='siglip', image_size=16, patch_size=8, width=16, depth=2, heads=2,
                      mlp_dim=32, feature_layer=-1, feature_select='full', norm_eps=1e-6)

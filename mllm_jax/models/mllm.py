@@ -169,7 +169,8 @@ class MLLM(nn.Module):
                        remat_policy=c.remat_policy, **kw)
     if c.vision is not None:
       self.vision = VisionEncoder(c.vision, attention_impl=c.attention,
-                                  remat_policy=c.vision_remat_policy, **kw)
+                                  remat_policy=c.vision_remat_policy,
+                                  layer_loop=c.vision_layer_loop, **kw)
       self.connector = build_connector(c.connector, c.llm.hidden, attention_impl=c.attention,
                                        **kw)
       if c.connector.kind == 'qformer' and c.image_grid_pinpoints:

@@ -17,6 +17,7 @@ removed, so `feature_layer=-1` reads the second-last layer of the original EVA m
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mllm_jax.models import layers as L
@@ -77,9 +78,13 @@ class VisionEncoder(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
   attention_impl: str = 'einsum'
   remat_policy: str = 'none'
+  layer_loop: str = 'scan'   # or 'unrolled': see MLLMConfig.vision_layer_loop
 
   def setup(self):
     c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    if self.layer_loop not in ('scan', 'unrolled'):
+      raise ValueError(f"vision_layer_loop={self.layer_loop!r} (MLLMConfig): expected 'scan' or "
+                       "'unrolled'")
     if c.kind not in ('clip', 'siglip', 'blip2'):
       raise ValueError(f"config.model.vision.kind={c.kind!r}: expected 'clip', 'siglip' or "
                        "'blip2'")
@@ -100,12 +105,28 @@ class VisionEncoder(nn.Module):
     self.position_embedding = self.param(
         'position_embedding', L.dense_init((None, 'embed'), std=0.02), (n_pos, c.width),
         self.param_dtype)
+    self.block = remat(EncoderBlock, self.remat_policy, static_argnums=(2,))
     self.layers = nn.scan(
-        remat(EncoderBlock, self.remat_policy, static_argnums=(2,)),
-        variable_axes={'params': 0}, split_rngs={'params': True}, in_axes=(nn.broadcast,),
-        length=c.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
+        self.block, variable_axes={'params': 0}, split_rngs={'params': True},
+        in_axes=(nn.broadcast,), length=c.depth, metadata_params={nn.PARTITION_NAME: 'layers'})(
             c, self.dtype, self.param_dtype, self.attention_impl)
     self.post_norm = L.LayerNorm(c.norm_eps, **kw)
+
+  def run_layers(self, x, layers_used: int):
+    """x [N, T, D] through the first `layers_used` layers -> (last [N, T, D], the outputs of
+    layers 1..L [L, N, T, D] when several feature layers are read, else None)."""
+    if self.layer_loop == 'scan' or self.is_initializing():
+      (last, _), hidden = self.layers((x, jnp.int32(0)), layers_used)
+      return last, hidden
+    # unrolled: the same block on static slices of the stacked weights, only the layers used
+    stacked = nn.unbox(self.variables['params']['layers'])
+    block = self.block(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
+    hidden = []
+    for i in range(min(layers_used, self.cfg.depth)):
+      (x, _), h = block.apply({'params': jax.tree.map(lambda a, i=i: a[i], stacked)},
+                              (x, jnp.int32(i)), self.cfg.depth)
+      hidden.append(h)
+    return x, (jnp.stack(hidden) if hidden and hidden[0] is not None else None)
 
   def embeddings(self, pixel_values):
     c = self.cfg
@@ -122,7 +143,7 @@ class VisionEncoder(nn.Module):
   def __call__(self, pixel_values):
     c = self.cfg
     x = self.embeddings(pixel_values)
-    (last, _), hidden = self.layers((x, jnp.int32(0)), c.layers_used)
+    last, hidden = self.run_layers(x, c.layers_used)
     if self.is_initializing():
       self.post_norm(last)   # create its params
     if len(c.feature_layers) > 1:   # hidden [L, N, T, D]: outputs of layers 1..L
@@ -139,8 +160,7 @@ class VisionEncoder(nn.Module):
   def pooled(self, pixel_values):
     """Pooled output as in transformers: post_norm(CLS) for CLIP (all layers run); BLIP-2 applies
     post_norm twice (to last_hidden_state, then to its CLS row), as HF does."""
-    x = self.embeddings(pixel_values)
-    (x, _), _ = self.layers((x, jnp.int32(0)), self.cfg.depth)
+    x, _ = self.run_layers(self.embeddings(pixel_values), self.cfg.depth)
     if self.cfg.norm_features:
       x = self.post_norm(x)
     return self.post_norm(x[:, 0] if self.cfg.has_cls else x)
