@@ -225,8 +225,8 @@ class MLLMConfig:
   vision_remat_policy: str = 'none'
   # The vision tower's layers: 'scan' (nn.scan over the stacked weights) or 'unrolled' (a Python
   # loop over the layers it needs, on static slices of the same weights). `generate` picks
-  # 'unrolled' for bf16 with its unrolled LLM loop: XLA:CPU's scanned bf16 layers run ~28%
-  # slower (BENCHMARKS.md, session 10); the parameters are the same either way.
+  # 'unrolled' for bf16 with its unrolled LLM loop: the loop takes ~28% off XLA:CPU's scanned
+  # bf16 tower (BENCHMARKS.md, session 10); the parameters are the same either way.
   vision_layer_loop: str = 'scan'
   # LLaVA-NeXT AnyRes: candidate (height, width) resolutions; () = one tile per image (LLaVA).
   # Tiles are packed with unpadding and a learned `image_newline` after every feature row.

@@ -122,11 +122,11 @@ class VisionEncoder(nn.Module):
     stacked = nn.unbox(self.variables['params']['layers'])
     block = self.block(self.cfg, self.dtype, self.param_dtype, self.attention_impl, parent=None)
     hidden = []
-    for i in range(min(layers_used, self.cfg.depth)):
+    for i in range(layers_used):
       (x, _), h = block.apply({'params': jax.tree.map(lambda a, i=i: a[i], stacked)},
                               (x, jnp.int32(i)), self.cfg.depth)
       hidden.append(h)
-    return x, (jnp.stack(hidden) if hidden and hidden[0] is not None else None)
+    return x, (jnp.stack(hidden) if len(self.cfg.feature_layers) > 1 else None)
 
   def embeddings(self, pixel_values):
     c = self.cfg
