@@ -133,6 +133,47 @@ void panel_tile_f32(const float* x, const float* w, float* y, int64_t K, int64_t
   store_tile<R>(a0, a1, y, N, col0);
 }
 
+#ifdef MLLM_JAX_DPBF16
+// acc += w . (the bf16 pair at `pair` in all 16 lanes), the broadcast folded into vdpbf16ps's
+// memory operand ({1to16}), as the fp32 tile's multiply-adds take theirs. GCC does not fold
+// _mm512_set1_epi32 into vdpbf16ps and issues a vpbroadcastd per row and step; with those the
+// 8-row loop streamed bf16 panels 7-9% slower per byte than fp32 ones (BENCHMARKS.md, session
+// 11), the arithmetic rate from L2 unchanged, so it is the loop's length, not its arithmetic.
+inline void dpbf16_bcast(__m512& acc, __m512bh w, const bf16* pair) {
+  __asm__("vdpbf16ps %[p]%{1to16%}, %[w], %[a]"
+          : [a] "+v"(acc)
+          : [w] "v"(w), [p] "m"(*reinterpret_cast<const uint32_t*>(pair)));
+}
+
+// The 8-row bf16 tile (a batch-8 decode step; larger batches and the prefill in passes of 8
+// rows) on folded broadcasts. Its 16 accumulators are named variables: an array of them stays
+// in memory around the asm statements.
+void panel_tile_bf16_8(const bf16* x, const bf16* w, bf16* y, int64_t pairs, int64_t N,
+                       int64_t col0) {
+  const int64_t Kp = 2 * pairs;
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
+  for (int64_t i = 0; i < pairs; ++i) {
+    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i * 64);
+    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + i * 64 + 32);
+    const bf16* p = x + 2 * i;   // row m's pair i at p + m * Kp
+    dpbf16_bcast(c0, w0, p);          dpbf16_bcast(d0, w1, p);
+    dpbf16_bcast(c1, w0, p + Kp);     dpbf16_bcast(d1, w1, p + Kp);
+    dpbf16_bcast(c2, w0, p + 2 * Kp); dpbf16_bcast(d2, w1, p + 2 * Kp);
+    dpbf16_bcast(c3, w0, p + 3 * Kp); dpbf16_bcast(d3, w1, p + 3 * Kp);
+    dpbf16_bcast(c4, w0, p + 4 * Kp); dpbf16_bcast(d4, w1, p + 4 * Kp);
+    dpbf16_bcast(c5, w0, p + 5 * Kp); dpbf16_bcast(d5, w1, p + 5 * Kp);
+    dpbf16_bcast(c6, w0, p + 6 * Kp); dpbf16_bcast(d6, w1, p + 6 * Kp);
+    dpbf16_bcast(c7, w0, p + 7 * Kp); dpbf16_bcast(d7, w1, p + 7 * Kp);
+  }
+  const __m512 a0[8] = {c0, c1, c2, c3, c4, c5, c6, c7}, a1[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  v16 b0[8], b1[8];
+  std::memcpy(b0, a0, sizeof(b0));
+  std::memcpy(b1, a1, sizeof(b1));
+  store_tile<8>(b0, b1, y, N, col0);
+}
+#endif
+
 // The same for bf16: x [R, Kp] (Kp = 2 * pairs, zero-padded), one panel [pairs, 64] whose
 // 32-bit lanes are (row 2i, row 2i + 1) pairs of one column.
 template <int R>
@@ -140,6 +181,10 @@ void panel_tile_bf16(const bf16* x, const bf16* w, bf16* y, int64_t pairs, int64
                      int64_t col0) {
   const int64_t Kp = 2 * pairs;
 #ifdef MLLM_JAX_DPBF16
+  if constexpr (R == 8) {
+    panel_tile_bf16_8(x, w, y, pairs, N, col0);
+    return;
+  }
   __m512 a0[R], a1[R];
   for (int m = 0; m < R; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
   for (int64_t i = 0; i < pairs; ++i) {
