@@ -70,20 +70,26 @@ def test_packed_matmul_bf16_matches_xla(m, k, n):
   assert_bf16_rounding_apart(y, jax.jit(jnp.dot)(x, w))
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize('k', [512, 41])
-def test_bf16_eight_row_tile_gives_the_bits_of_the_smaller_tiles(k):
-  """The 8-row bf16 tile (broadcasts folded into the dot instruction, decode_kernels.cc) sums
-  each column in the order of the 1-7-row tiles: rows through 8-row passes equal the same rows
-  in passes of 4 and 3, bit for bit, with x's rows padded (odd K) or not."""
+def test_eight_row_tile_gives_the_bits_of_the_smaller_tiles(dtype, k):
+  """The 8-row tiles (broadcasts folded into the multiply-add, decode_kernels.cc) sum each
+  column in the order of the 1-7-row tiles: rows through 8-row passes equal the same rows in
+  passes of 4 and 3, bit for bit, with bf16 x's rows padded (odd K) or not."""
   rng = np.random.default_rng(k)
-  x = jnp.asarray(rng.standard_normal((19, k)), jnp.bfloat16)   # passes of 8, 8 and 3 rows
-  w = jnp.asarray(rng.standard_normal((k, 100)), jnp.bfloat16)
+  x = jnp.asarray(rng.standard_normal((19, k)), dtype)   # passes of 8, 8 and 3 rows
+  w = jnp.asarray(rng.standard_normal((k, 100)), dtype)
   packed = jax.jit(cpu.pack)(w)
   mm = jax.jit(cpu.packed_matmul, static_argnums=2)
   whole = np.asarray(mm(x, packed, 100))
   parts = np.concatenate([np.asarray(mm(x[i:i + 4], packed, 100)) for i in range(0, 19, 4)])
-  np.testing.assert_array_equal(whole.view(np.uint16), parts.view(np.uint16))
-  assert_bf16_rounding_apart(whole, jax.jit(jnp.dot)(x, w))
+  bits = np.uint16 if dtype == 'bfloat16' else np.uint32
+  np.testing.assert_array_equal(whole.view(bits), parts.view(bits))
+  if dtype == 'bfloat16':
+    assert_bf16_rounding_apart(whole, jax.jit(jnp.dot)(x, w))
+  else:
+    np.testing.assert_allclose(whole, np.asarray(x, np.float64) @ np.asarray(w, np.float64),
+                               atol=2e-6 * k)
 
 
 def test_concurrent_packed_matmuls_are_all_right():

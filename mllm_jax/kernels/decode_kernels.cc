@@ -10,8 +10,9 @@
 //   k = 2i and 2i + 1 of a column side by side (the operand pairs of AVX-512 BF16's dot).
 //   Each panel is one contiguous stream, read once per call while up to 8 rows x 32 columns of
 //   fp32 accumulators stay in registers (16 AVX-512 registers; GCC vector types keep the
-//   source portable to AVX2 / NEON, where it compiles to narrower registers). Rows beyond 8
-//   are done in further passes over the panel, which then comes from L2.
+//   source portable to AVX2 / NEON, where it compiles to narrower registers; with AVX-512 the
+//   8-row tiles are inline assembly, for broadcasts GCC does not fold). Rows beyond 8 are done
+//   in further passes over the panel, which then comes from L2.
 // DecodeAttention: softmax attention of a few query rows per (batch, K/V head) over the cache,
 //   with the masking and softmax of layers.dot_product_attention, reading only the slots up
 //   to the last one any query of the batch row may see.
@@ -39,8 +40,10 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#ifdef __AVX512F__
 #include <immintrin.h>
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define MLLM_JAX_DPBF16 1
 #endif
 
@@ -117,9 +120,49 @@ inline void store_tile(const v16* a0, const v16* a1, T* y, int64_t N, int64_t co
 // y [R, 32-column panel at col0] = x [R, K] . one fp32 panel [K, 32]; R <= 8 rows of
 // accumulators stay in registers (R is a template argument so a batch-1 step does 1/8 of the
 // arithmetic of a batch-8 one).
+#ifdef __AVX512F__
+// acc += w * x[0] in all 16 lanes, the broadcast folded into the multiply-add's memory operand
+// ({1to16}); GCC issues a separate vbroadcastss per row and step (see dpbf16_bcast below).
+inline void fma_bcast(__m512& acc, __m512 w, const float* x) {
+  __asm__("vfmadd231ps %[p]%{1to16%}, %[w], %[a]" : [a] "+v"(acc) : [w] "v"(w), [p] "m"(*x));
+}
+
+// The 8-row fp32 tile (a batch-8 decode step; larger batches and the prefill in passes of 8
+// rows) on folded broadcasts. Its 16 accumulators are named variables: an array of them stays
+// in memory around the asm statements.
+void panel_tile_f32_8(const float* x, const float* w, float* y, int64_t K, int64_t N,
+                      int64_t col0) {
+  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+  __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 w0 = _mm512_loadu_ps(w + k * kPanel), w1 = _mm512_loadu_ps(w + k * kPanel + 16);
+    const float* p = x + k;   // row m's element k at p + m * K
+    fma_bcast(c0, w0, p);         fma_bcast(d0, w1, p);
+    fma_bcast(c1, w0, p + K);     fma_bcast(d1, w1, p + K);
+    fma_bcast(c2, w0, p + 2 * K); fma_bcast(d2, w1, p + 2 * K);
+    fma_bcast(c3, w0, p + 3 * K); fma_bcast(d3, w1, p + 3 * K);
+    fma_bcast(c4, w0, p + 4 * K); fma_bcast(d4, w1, p + 4 * K);
+    fma_bcast(c5, w0, p + 5 * K); fma_bcast(d5, w1, p + 5 * K);
+    fma_bcast(c6, w0, p + 6 * K); fma_bcast(d6, w1, p + 6 * K);
+    fma_bcast(c7, w0, p + 7 * K); fma_bcast(d7, w1, p + 7 * K);
+  }
+  const __m512 a0[8] = {c0, c1, c2, c3, c4, c5, c6, c7}, a1[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
+  v16 b0[8], b1[8];
+  std::memcpy(b0, a0, sizeof(b0));
+  std::memcpy(b1, a1, sizeof(b1));
+  store_tile<8>(b0, b1, y, N, col0);
+}
+#endif
+
 template <int R>
 void panel_tile_f32(const float* x, const float* w, float* y, int64_t K, int64_t N,
                     int64_t col0) {
+#ifdef __AVX512F__
+  if constexpr (R == 8) {
+    panel_tile_f32_8(x, w, y, K, N, col0);
+    return;
+  }
+#endif
   v16 a0[R], a1[R];
   for (int m = 0; m < R; ++m) a0[m] = a1[m] = v16{};
   for (int64_t k = 0; k < K; ++k) {
@@ -135,10 +178,10 @@ void panel_tile_f32(const float* x, const float* w, float* y, int64_t K, int64_t
 
 #ifdef MLLM_JAX_DPBF16
 // acc += w . (the bf16 pair at `pair` in all 16 lanes), the broadcast folded into vdpbf16ps's
-// memory operand ({1to16}), as the fp32 tile's multiply-adds take theirs. GCC does not fold
-// _mm512_set1_epi32 into vdpbf16ps and issues a vpbroadcastd per row and step; with those the
-// 8-row loop streamed bf16 panels 7-9% slower per byte than fp32 ones (BENCHMARKS.md, session
-// 11), the arithmetic rate from L2 unchanged, so it is the loop's length, not its arithmetic.
+// memory operand ({1to16}). GCC does not fold _mm512_set1_epi32 into vdpbf16ps (nor a
+// broadcast into vfmadd231ps, above) and issues a vpbroadcastd per row and step; without those
+// the 8-row loop streams bf16 panels 4-9% faster, fp32 ones ~2%, at the same arithmetic rate
+// from L2: a shorter loop keeps more of the weight stream in flight (BENCHMARKS.md, session 11).
 inline void dpbf16_bcast(__m512& acc, __m512bh w, const bf16* pair) {
   __asm__("vdpbf16ps %[p]%{1to16%}, %[w], %[a]"
           : [a] "+v"(acc)
