@@ -117,34 +117,47 @@ inline void store_tile(const v16* a0, const v16* a1, T* y, int64_t N, int64_t co
   }
 }
 
-// y [R, 32-column panel at col0] = x [R, K] . one fp32 panel [K, 32]; R <= 8 rows of
-// accumulators stay in registers (R is a template argument so a batch-1 step does 1/8 of the
-// arithmetic of a batch-8 one).
 #ifdef __AVX512F__
-// acc += w * x[0] in all 16 lanes, the broadcast folded into the multiply-add's memory operand
-// ({1to16}); GCC issues a separate vbroadcastss per row and step (see dpbf16_bcast below).
-inline void fma_bcast(__m512& acc, __m512 w, const float* x) {
+// acc += w x (row input at x, in all 16 lanes): an fp32 multiply-add, or a bf16 pair dot
+// (vdpbf16ps: w's lanes are pairs too), with the broadcast folded into the instruction's memory
+// operand ({1to16}). GCC issues a separate vbroadcastss / vpbroadcastd per row and step instead
+// (it does not fold _mm512_set1 of a load into either); without them the 8-row loop streams
+// bf16 panels 4-9% faster, fp32 ones ~2%, at the same arithmetic rate from L2: a shorter loop
+// keeps more of the weight stream in flight (BENCHMARKS.md, session 11).
+inline void mac_bcast(__m512& acc, __m512 w, const float* x) {
   __asm__("vfmadd231ps %[p]%{1to16%}, %[w], %[a]" : [a] "+v"(acc) : [w] "v"(w), [p] "m"(*x));
 }
+#ifdef MLLM_JAX_DPBF16
+inline void mac_bcast(__m512& acc, __m512 w, const bf16* pair) {
+  __asm__("vdpbf16ps %[p]%{1to16%}, %[w], %[a]"
+          : [a] "+v"(acc)
+          : [w] "v"(w), [p] "m"(*reinterpret_cast<const uint32_t*>(pair)));
+}
+#endif
 
-// The 8-row fp32 tile (a batch-8 decode step; larger batches and the prefill in passes of 8
-// rows) on folded broadcasts. Its 16 accumulators are named variables: an array of them stays
-// in memory around the asm statements.
-void panel_tile_f32_8(const float* x, const float* w, float* y, int64_t K, int64_t N,
-                      int64_t col0) {
+// The 8-row tile (a batch-8 decode step; larger batches and the prefill in passes of 8 rows) on
+// folded broadcasts, for both dtypes: y [8, 32-column panel at col0] = x . one panel of `steps`
+// 128-byte steps (fp32: K steps of one input; bf16: K / 2 steps of an input pair), x's rows
+// `stride` elements apart. Its 16 accumulators are named variables: an array of them stays in
+// memory around the asm statements.
+template <typename T>
+void panel_tile_8(const T* x, const T* w, T* y, int64_t steps, int64_t stride, int64_t N,
+                  int64_t col0) {
+  constexpr int64_t per = 4 / sizeof(T), lanes = 64 / sizeof(T);   // inputs per step; T per 64 B
   __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
   __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
-  for (int64_t k = 0; k < K; ++k) {
-    const __m512 w0 = _mm512_loadu_ps(w + k * kPanel), w1 = _mm512_loadu_ps(w + k * kPanel + 16);
-    const float* p = x + k;   // row m's element k at p + m * K
-    fma_bcast(c0, w0, p);         fma_bcast(d0, w1, p);
-    fma_bcast(c1, w0, p + K);     fma_bcast(d1, w1, p + K);
-    fma_bcast(c2, w0, p + 2 * K); fma_bcast(d2, w1, p + 2 * K);
-    fma_bcast(c3, w0, p + 3 * K); fma_bcast(d3, w1, p + 3 * K);
-    fma_bcast(c4, w0, p + 4 * K); fma_bcast(d4, w1, p + 4 * K);
-    fma_bcast(c5, w0, p + 5 * K); fma_bcast(d5, w1, p + 5 * K);
-    fma_bcast(c6, w0, p + 6 * K); fma_bcast(d6, w1, p + 6 * K);
-    fma_bcast(c7, w0, p + 7 * K); fma_bcast(d7, w1, p + 7 * K);
+  for (int64_t i = 0; i < steps; ++i) {
+    const __m512 w0 = _mm512_loadu_ps(w + 2 * i * lanes);
+    const __m512 w1 = _mm512_loadu_ps(w + (2 * i + 1) * lanes);
+    const T* p = x + per * i;   // row m's input(s) of step i at p + m * stride
+    mac_bcast(c0, w0, p);              mac_bcast(d0, w1, p);
+    mac_bcast(c1, w0, p + stride);     mac_bcast(d1, w1, p + stride);
+    mac_bcast(c2, w0, p + 2 * stride); mac_bcast(d2, w1, p + 2 * stride);
+    mac_bcast(c3, w0, p + 3 * stride); mac_bcast(d3, w1, p + 3 * stride);
+    mac_bcast(c4, w0, p + 4 * stride); mac_bcast(d4, w1, p + 4 * stride);
+    mac_bcast(c5, w0, p + 5 * stride); mac_bcast(d5, w1, p + 5 * stride);
+    mac_bcast(c6, w0, p + 6 * stride); mac_bcast(d6, w1, p + 6 * stride);
+    mac_bcast(c7, w0, p + 7 * stride); mac_bcast(d7, w1, p + 7 * stride);
   }
   const __m512 a0[8] = {c0, c1, c2, c3, c4, c5, c6, c7}, a1[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
   v16 b0[8], b1[8];
@@ -154,12 +167,15 @@ void panel_tile_f32_8(const float* x, const float* w, float* y, int64_t K, int64
 }
 #endif
 
+// y [R, 32-column panel at col0] = x [R, K] . one fp32 panel [K, 32]; R <= 8 rows of
+// accumulators stay in registers (R is a template argument so a batch-1 step does 1/8 of the
+// arithmetic of a batch-8 one).
 template <int R>
 void panel_tile_f32(const float* x, const float* w, float* y, int64_t K, int64_t N,
                     int64_t col0) {
 #ifdef __AVX512F__
   if constexpr (R == 8) {
-    panel_tile_f32_8(x, w, y, K, N, col0);
+    panel_tile_8(x, w, y, K, K, N, col0);
     return;
   }
 #endif
@@ -176,47 +192,6 @@ void panel_tile_f32(const float* x, const float* w, float* y, int64_t K, int64_t
   store_tile<R>(a0, a1, y, N, col0);
 }
 
-#ifdef MLLM_JAX_DPBF16
-// acc += w . (the bf16 pair at `pair` in all 16 lanes), the broadcast folded into vdpbf16ps's
-// memory operand ({1to16}). GCC does not fold _mm512_set1_epi32 into vdpbf16ps (nor a
-// broadcast into vfmadd231ps, above) and issues a vpbroadcastd per row and step; without those
-// the 8-row loop streams bf16 panels 4-9% faster, fp32 ones ~2%, at the same arithmetic rate
-// from L2: a shorter loop keeps more of the weight stream in flight (BENCHMARKS.md, session 11).
-inline void dpbf16_bcast(__m512& acc, __m512bh w, const bf16* pair) {
-  __asm__("vdpbf16ps %[p]%{1to16%}, %[w], %[a]"
-          : [a] "+v"(acc)
-          : [w] "v"(w), [p] "m"(*reinterpret_cast<const uint32_t*>(pair)));
-}
-
-// The 8-row bf16 tile (a batch-8 decode step; larger batches and the prefill in passes of 8
-// rows) on folded broadcasts. Its 16 accumulators are named variables: an array of them stays
-// in memory around the asm statements.
-void panel_tile_bf16_8(const bf16* x, const bf16* w, bf16* y, int64_t pairs, int64_t N,
-                       int64_t col0) {
-  const int64_t Kp = 2 * pairs;
-  __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
-  __m512 d0 = c0, d1 = c0, d2 = c0, d3 = c0, d4 = c0, d5 = c0, d6 = c0, d7 = c0;
-  for (int64_t i = 0; i < pairs; ++i) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + i * 64);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + i * 64 + 32);
-    const bf16* p = x + 2 * i;   // row m's pair i at p + m * Kp
-    dpbf16_bcast(c0, w0, p);          dpbf16_bcast(d0, w1, p);
-    dpbf16_bcast(c1, w0, p + Kp);     dpbf16_bcast(d1, w1, p + Kp);
-    dpbf16_bcast(c2, w0, p + 2 * Kp); dpbf16_bcast(d2, w1, p + 2 * Kp);
-    dpbf16_bcast(c3, w0, p + 3 * Kp); dpbf16_bcast(d3, w1, p + 3 * Kp);
-    dpbf16_bcast(c4, w0, p + 4 * Kp); dpbf16_bcast(d4, w1, p + 4 * Kp);
-    dpbf16_bcast(c5, w0, p + 5 * Kp); dpbf16_bcast(d5, w1, p + 5 * Kp);
-    dpbf16_bcast(c6, w0, p + 6 * Kp); dpbf16_bcast(d6, w1, p + 6 * Kp);
-    dpbf16_bcast(c7, w0, p + 7 * Kp); dpbf16_bcast(d7, w1, p + 7 * Kp);
-  }
-  const __m512 a0[8] = {c0, c1, c2, c3, c4, c5, c6, c7}, a1[8] = {d0, d1, d2, d3, d4, d5, d6, d7};
-  v16 b0[8], b1[8];
-  std::memcpy(b0, a0, sizeof(b0));
-  std::memcpy(b1, a1, sizeof(b1));
-  store_tile<8>(b0, b1, y, N, col0);
-}
-#endif
-
 // The same for bf16: x [R, Kp] (Kp = 2 * pairs, zero-padded), one panel [pairs, 64] whose
 // 32-bit lanes are (row 2i, row 2i + 1) pairs of one column.
 template <int R>
@@ -225,7 +200,7 @@ void panel_tile_bf16(const bf16* x, const bf16* w, bf16* y, int64_t pairs, int64
   const int64_t Kp = 2 * pairs;
 #ifdef MLLM_JAX_DPBF16
   if constexpr (R == 8) {
-    panel_tile_bf16_8(x, w, y, pairs, N, col0);
+    panel_tile_8(x, w, y, pairs, Kp, N, col0);
     return;
   }
   __m512 a0[R], a1[R];
