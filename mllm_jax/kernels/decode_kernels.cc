@@ -122,7 +122,7 @@ inline void store_tile(const v16* a0, const v16* a1, T* y, int64_t N, int64_t co
 // (vdpbf16ps: w's lanes are pairs too), with the broadcast folded into the instruction's memory
 // operand ({1to16}). GCC issues a separate vbroadcastss / vpbroadcastd per row and step instead
 // (it does not fold _mm512_set1 of a load into either); without them the 8-row loop streams
-// bf16 panels 4-9% faster, fp32 ones ~2%, at the same arithmetic rate from L2: a shorter loop
+// bf16 panels 4-9% faster, fp32 ones 2-7%, at the same arithmetic rate from L2: a shorter loop
 // keeps more of the weight stream in flight (BENCHMARKS.md, session 11).
 inline void mac_bcast(__m512& acc, __m512 w, const float* x) {
   __asm__("vfmadd231ps %[p]%{1to16%}, %[w], %[a]" : [a] "+v"(acc) : [w] "v"(w), [p] "m"(*x));
