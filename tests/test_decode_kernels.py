@@ -298,13 +298,25 @@ except cpu.KernelBuildError as e:
   assert lines['error'].startswith('error no C++ compiler found')
 
 
+def _cpu_has(flag):
+  try:
+    return any(line.startswith('flags') and flag in line.split()
+               for line in open('/proc/cpuinfo'))
+  except OSError:
+    return False
+
+
 @pytest.mark.skipif(os.uname().machine != 'x86_64',
-                    reason='builds for -march=x86-64-v3, an x86 target; other CPUs never '
-                           'have the AVX-512 path this test switches off')
-def test_portable_build_without_avx512(tmp_path):
+                    reason='builds for x86 targets; other CPUs never have the AVX-512 paths '
+                           'this test switches off')
+@pytest.mark.parametrize('march', ['x86-64-v3', 'skylake-avx512'])
+def test_portable_build_without_avx512(march, tmp_path):
   """Built for AVX2 (`-march=x86-64-v3`: no AVX-512, no AVX512_BF16 dot instruction), the
   kernels take their portable paths (GCC vector types at half width, bf16 pairs widened to
-  fp32) and give the same results."""
+  fp32) and give the same results; built for AVX-512 without BF16 (`skylake-avx512`, common
+  on cloud servers), the fp32 8-row tile's assembly with the portable bf16 path does too."""
+  if march == 'skylake-avx512' and not _cpu_has('avx512f'):
+    pytest.skip('this CPU cannot run an AVX-512 build')
   code = f'''
 import jax, jax.numpy as jnp, numpy as np
 from mllm_jax.kernels import cpu
@@ -331,7 +343,7 @@ for dtype in ('float32', 'bfloat16'):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=1e-5)
 print('ok')
 '''
-  env = dict(os.environ, MLLM_JAX_KERNEL_FLAGS='-march=x86-64-v3',
+  env = dict(os.environ, MLLM_JAX_KERNEL_FLAGS=f'-march={march}',
              MLLM_JAX_CACHE=str(tmp_path / 'cache'),
              PYTHONPATH=os.pathsep.join([os.path.dirname(__file__)] + sys.path))
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
@@ -340,8 +352,9 @@ print('ok')
   built = list((tmp_path / 'cache' / 'kernels').glob('decode_kernels-*.so'))
   assert len(built) == 1
   if shutil.which('objdump'):   # the AVX-512 BF16 dot instruction is not in this build
-    assert b'vdpbf16ps' not in subprocess.run(['objdump', '-d', str(built[0])],
-                                              capture_output=True).stdout
+    asm = subprocess.run(['objdump', '-d', str(built[0])], capture_output=True).stdout
+    assert b'vdpbf16ps' not in asm
+    assert (b'{1to16}' in asm) == (march == 'skylake-avx512')   # the fp32 8-row tile's
 
 
 def test_init_makes_no_packed_weights():
