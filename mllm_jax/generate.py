@@ -113,8 +113,12 @@ def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rn
   rows = input_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
 
+  # greedy on the CPU kernels reads the lm_head's output as it is (bf16: no fp32 copy per step)
+  kernel_greedy = temperature == 0.0 and decode_kernel == 'packed' and vcd_alpha == 0
+
   def last_logits(hidden):   # [rows, V]
-    return model.apply(head_variables, hidden[:, -1:], method='logits')[:, 0]
+    return model.apply(head_variables, hidden[:, -1:], None if kernel_greedy else jnp.float32,
+                       method='logits')[:, 0]
 
   cache = model.apply(variables, rows, cache_len, method='init_cache')
   unrolled, head_variables = None, variables
@@ -134,7 +138,7 @@ def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rn
       logits = vcd_logits(logits[:b], logits[b:], vcd_alpha, vcd_beta)
     if temperature == 0.0 and decode_kernel == 'packed':
       from mllm_jax.kernels import cpu
-      return cpu.greedy_token(logits)   # greedy_token's choice as one kernel
+      return cpu.greedy_token(logits)   # greedy_token's choice as one kernel (fp32 or bf16)
     return sample_token(logits, key, temperature, top_k, top_p)
 
   def cond(s):

@@ -305,8 +305,9 @@ except cpu.KernelBuildError as e:
 def test_portable_build_without_avx512(march, tmp_path):
   """Built for AVX2 (`-march=x86-64-v3`: no AVX-512, no AVX512_BF16 dot instruction), the
   kernels take their portable paths (GCC vector types at half width, bf16 pairs widened to
-  fp32) and give the same results; built for AVX-512 without BF16 (`skylake-avx512`, common
-  on cloud servers), the fp32 8-row tile's assembly with the portable bf16 path does too."""
+  fp32) and give the same results (matmuls, attention, greedy token); built for AVX-512
+  without BF16 (`skylake-avx512`, common on cloud servers), the fp32 8-row tile's assembly
+  with the portable bf16 path does too."""
   if march == 'skylake-avx512' and 'avx512f' not in cpu._cpu_flags().split():
     pytest.skip('an AVX-512 build cannot run on this CPU (no avx512f); the x86-64-v3 case '
                 'still covers the portable paths')
@@ -315,6 +316,7 @@ import jax, jax.numpy as jnp, numpy as np
 from mllm_jax.kernels import cpu
 from mllm_jax.models import layers as L
 from test_decode_kernels import assert_bf16_rounding_apart
+from test_decode_kernels import test_greedy_token_kernel_matches_argmax as greedy
 rng = np.random.default_rng(0)
 for m, k, n in ((8, 512, 1376), (3, 41, 70)):
   x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
@@ -334,6 +336,7 @@ for dtype in ('float32', 'bfloat16'):
     assert_bf16_rounding_apart(ours, want)
   else:
     np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=1e-5)
+  greedy(dtype)
 print('ok')
 '''
   env = dict(os.environ, MLLM_JAX_KERNEL_FLAGS=f'-march={march}',
@@ -357,20 +360,32 @@ def test_init_makes_no_packed_weights():
   assert set(variables) == {'params'}
 
 
-def test_greedy_token_kernel_matches_argmax():
-  """First index of the largest logit, as argmax: ties, -inf rows, a NaN row (argmax: the
-  NaN's index), rows shorter than one 16-lane block and with a tail past the last block; and
-  generate.greedy_token's choice on the rows without a NaN."""
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_greedy_token_kernel_matches_argmax(dtype):
+  """First index of the largest logit, as argmax, in one pass over 16 lanes: ties within a
+  lane and across lanes, -inf rows, NaN rows (argmax: the first NaN's index; also two NaNs in
+  one lane, a NaN in the first block, where a lane's running max itself is NaN, and a NaN only
+  in the tail), rows shorter than one 16-lane block and with a tail past the last block; bf16
+  logits read as they are; and generate.greedy_token's choice on the rows without a NaN."""
   rng = np.random.default_rng(0)
   for v in (5, 16, 37, 32000):
-    logits = rng.standard_normal((6, v)).astype(np.float32)
+    logits = rng.standard_normal((11, v)).astype(np.float32)
     logits[1, [v // 3, v // 2, v - 1]] = 9.0               # a tie: the first one wins
     logits[2, :] = -np.inf
     logits[3, [v // 2, v - 1]] = np.nan
     logits[4, -1] = 50.0                                   # the max in the tail
     logits[5, :] = 2.0                                     # all equal
-    ours = np.asarray(jax.jit(cpu.greedy_token)(jnp.asarray(logits)))
-    np.testing.assert_array_equal(ours, np.argmax(logits, -1))
-    np.testing.assert_array_equal(ours[[1, 3, 4, 5]], [v // 3, v // 2, v - 1, 0])
-    want = np.asarray(jax.jit(gen.greedy_token)(jnp.asarray(logits)))
-    np.testing.assert_array_equal(np.delete(ours, 3), np.delete(want, 3))
+    logits[6, [0, v - 1]] = [np.nan, 60.0]                 # a NaN first
+    logits[7, v - 1] = np.nan                              # a NaN last (the tail for v = 37)
+    logits[8, [min(17, v - 1), 1]] = 9.0                   # a tie across lanes, later lane first
+    logits[9, [v - 1, 0]] = [np.inf, np.inf]               # +inf twice
+    logits[10, [min(19, v - 1), 3]] = np.nan               # two NaNs in one lane, later first
+    x = jnp.asarray(logits, dtype)
+    ours = np.asarray(jax.jit(cpu.greedy_token)(x))
+    want = np.argmax(np.asarray(x, np.float32), -1)
+    np.testing.assert_array_equal(ours, want)
+    np.testing.assert_array_equal(ours[[1, 3, 4, 5, 6, 7, 8, 9, 10]],
+                                  [v // 3, v // 2, v - 1, 0, 0, v - 1, min(1, v - 1), 0, 3])
+    nan_rows = [3, 6, 7, 10]
+    xla = np.asarray(jax.jit(gen.greedy_token)(x.astype(jnp.float32)))
+    np.testing.assert_array_equal(np.delete(ours, nan_rows), np.delete(xla, nan_rows))

@@ -196,9 +196,12 @@ def cache_write(cache, new, index):
 
 
 def greedy_token(logits):
-  """[B, V] fp32 logits -> [B] int32: `generate.greedy_token` (the first index of the largest
-  logit) as one kernel; a row with a NaN gives its first NaN's index, as `argmax` does."""
+  """[B, V] logits -> [B] int32: `generate.greedy_token` (the first index of the largest
+  logit) as one kernel; a row with a NaN gives its first NaN's index, as `argmax` does. fp32
+  and bf16 logits are read as they are (bf16 -> fp32 is exact, so the choice is the same),
+  others are cast to fp32."""
   _register()
+  if jnp.dtype(logits.dtype) not in DTYPES:
+    logits = logits.astype(jnp.float32)
   return jax.ffi.ffi_call('mllm_jax_greedy_token',
-                          jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32))(
-      logits.astype(jnp.float32))
+                          jax.ShapeDtypeStruct(logits.shape[:1], jnp.int32))(logits)

@@ -283,8 +283,9 @@ class Decoder(nn.Module):
     return dict(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
                 filled=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
-  def logits(self, h):
-    """[B, T, E] -> fp32 [B, T, vocab]."""
+  def logits(self, h, dtype=jnp.float32):
+    """[B, T, E] -> [B, T, vocab] in `dtype` (None: the compute dtype, e.g. for generate's
+    greedy CPU kernel, which reads bf16 logits as they are)."""
     if self.cfg.tie_embeddings:
       packed = L.decode_packed(   # in the dtype `attend` computes in
           self, 'tied_lm_head', lambda: self.embed_tokens.embedding.T.astype(self.dtype))
@@ -292,7 +293,8 @@ class Decoder(nn.Module):
              L.packed_matmul(h, packed, (self.cfg.vocab_size,), 1))
     else:
       out = self.lm_head(h)
-    return L.constrain(out.astype(jnp.float32), ('act_batch', 'act_length', 'act_vocab'))
+    return L.constrain(out if dtype is None else out.astype(dtype),
+                       ('act_batch', 'act_length', 'act_vocab'))
 
   def __call__(self, input_ids=None, attention_mask=None, positions=None, segment_ids=None,
                inputs_embeds=None):

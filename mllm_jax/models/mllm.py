@@ -255,8 +255,8 @@ class MLLM(nn.Module):
   def init_cache(self, batch: int, length: int):
     return self.llm.init_cache(batch, length)
 
-  def logits(self, hidden):
-    return self.llm.logits(hidden)
+  def logits(self, hidden, dtype=jnp.float32):
+    return self.llm.logits(hidden, dtype)
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, positions=None,
                segment_ids=None, image_sizes=None, qformer_input_ids=None,
