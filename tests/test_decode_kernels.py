@@ -377,7 +377,7 @@ def test_greedy_token_kernel_matches_argmax(dtype):
     logits[5, :] = 2.0                                     # all equal
     logits[6, [0, v - 1]] = [np.nan, 60.0]                 # a NaN first
     logits[7, v - 1] = np.nan                              # a NaN last (the tail for v = 37)
-    logits[8, [min(17, v - 1), 1]] = 9.0                   # a tie across lanes, later lane first
+    logits[8, [min(17, v - 1), 2]] = 9.0                   # a tie across lanes: the first in lane 2
     logits[9, [v - 1, 0]] = [np.inf, np.inf]               # +inf twice
     logits[10, [min(19, v - 1), 3]] = np.nan               # two NaNs in one lane, later first
     x = jnp.asarray(logits, dtype)
@@ -385,7 +385,7 @@ def test_greedy_token_kernel_matches_argmax(dtype):
     want = np.argmax(np.asarray(x, np.float32), -1)
     np.testing.assert_array_equal(ours, want)
     np.testing.assert_array_equal(ours[[1, 3, 4, 5, 6, 7, 8, 9, 10]],
-                                  [v // 3, v // 2, v - 1, 0, 0, v - 1, min(1, v - 1), 0, 3])
+                                  [v // 3, v // 2, v - 1, 0, 0, v - 1, 2, 0, 3])
     nan_rows = [3, 6, 7, 10]
     xla = np.asarray(jax.jit(gen.greedy_token)(x.astype(jnp.float32)))
     np.testing.assert_array_equal(np.delete(ours, nan_rows), np.delete(xla, nan_rows))
