@@ -337,12 +337,15 @@ void packed_matmul(ffi::ThreadPool& pool, const float* x, const float* w, float*
 
 void packed_matmul(ffi::ThreadPool& pool, const bf16* x, const bf16* w, bf16* y, int64_t M,
                    int64_t K, int64_t N, int64_t panels) {
-  // x with an even row length (a zero column for odd K: the padded weight row is zero too,
-  // and 0 * garbage could be NaN)
+  // x with an even row length: for odd K a copy with a zero column (the padded weight row is
+  // zero too, and 0 * garbage could be NaN); even K, as it is
   const int64_t pairs = panel_rows<bf16>(K), Kp = 2 * pairs;
-  std::vector<bf16> xp(M * Kp, bf16{0});
-  for (int64_t m = 0; m < M; ++m) std::memcpy(&xp[m * Kp], x + m * K, K * sizeof(bf16));
-  const bf16* xs = xp.data();
+  std::vector<bf16> xp;
+  if (Kp != K) {
+    xp.assign(M * Kp, bf16{0});
+    for (int64_t m = 0; m < M; ++m) std::memcpy(&xp[m * Kp], x + m * K, K * sizeof(bf16));
+  }
+  const bf16* xs = Kp != K ? xp.data() : x;
   parallel_for(pool, panels, [=](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t r0 = 0; r0 < M; r0 += kRows)
