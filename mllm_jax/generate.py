@@ -113,11 +113,13 @@ def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rn
   rows = input_ids.shape[0]
   positions = jnp.maximum(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
 
-  # greedy on the CPU kernels reads the lm_head's output as it is (bf16: no fp32 copy per step)
-  kernel_greedy = temperature == 0.0 and decode_kernel == 'packed' and vcd_alpha == 0
+  # greedy on the CPU kernels: one kernel, which reads the lm_head's output as it is (bf16: no
+  # fp32 copy per step) unless VCD first computes fp32 contrastive logits from it
+  kernel_greedy = temperature == 0.0 and decode_kernel == 'packed'
+  raw_logits = kernel_greedy and vcd_alpha == 0
 
   def last_logits(hidden):   # [rows, V]
-    return model.apply(head_variables, hidden[:, -1:], None if kernel_greedy else jnp.float32,
+    return model.apply(head_variables, hidden[:, -1:], None if raw_logits else jnp.float32,
                        method='logits')[:, 0]
 
   cache = model.apply(variables, rows, cache_len, method='init_cache')
@@ -136,7 +138,7 @@ def _generate(model, params, packed, input_ids, attention_mask, pixel_values, rn
   def choose(logits, key):
     if vcd_alpha > 0:
       logits = vcd_logits(logits[:b], logits[b:], vcd_alpha, vcd_beta)
-    if temperature == 0.0 and decode_kernel == 'packed':
+    if kernel_greedy:
       from mllm_jax.kernels import cpu
       return cpu.greedy_token(logits)   # greedy_token's choice as one kernel (fp32 or bf16)
     return sample_token(logits, key, temperature, top_k, top_p)

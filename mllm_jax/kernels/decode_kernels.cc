@@ -841,7 +841,7 @@ template <typename T>
 int64_t first_argmax(const T* row, int64_t V) {
   typedef int32_t i32x16 __attribute__((vector_size(64)));
   constexpr int32_t kNone = INT32_MAX;
-  float best = -INFINITY;
+  float best;   // the largest value so far (set by each branch below)
   int64_t first = 0, nan_first = kNone, i = 0;
   if (V >= 16) {
     const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
