@@ -861,8 +861,7 @@ int64_t first_argmax(const T* row, int64_t V) {
     for (int l = 0; l < 16; ++l) {
       if (top[l] == best) first = std::min<int64_t>(first, at[l]);
       nan_first = std::min<int64_t>(nan_first, nan_at[l]);
-    }
-    if (first == kNone) first = 0;
+    }   // (first stays kNone only when best is a NaN, and then nan_first is set)
   } else {
     best = to_f32(row[0]);
     if (best != best) nan_first = 0;
